@@ -1,0 +1,106 @@
+"""State shared by the attention layers of one sparse model: the mode, the SSA draw of this step, and
+what layers record during a forward (indexer KL, alignment loss, sparsity/recall metrics).
+
+The attention function reads it through `module.rtpurbo_runtime`. Records are keyed by layer, so a
+layer recomputed under activation checkpointing overwrites its entry instead of adding a second one.
+"""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("full", "sparse", "both")
+
+
+@dataclass
+class LayerSparsity:
+    """Per-layer constants: which KV/query heads are retrieval heads and each KV head's window."""
+    layer_idx: int
+    retrieval_kv: torch.Tensor  # int64 [Hkv_r]
+    retrieval_q: torch.Tensor  # int64 [Hq_r]
+    streaming_kv: torch.Tensor  # int64 [Hkv - Hkv_r]
+    kv_window: torch.Tensor  # int32 [Hkv]: plan.window on streaming heads, 0 (no window) on retrieval heads
+
+
+@dataclass
+class SparseRuntime:
+    plan: "object"
+    backend: str = "auto"
+    layers: dict[int, LayerSparsity] = field(default_factory=dict)
+    mode: str = "full"
+    indexer_kl: bool = False  # record the indexer KL loss in every retrieval layer
+    indexer_kl_selected_only: bool = False  # restrict the KL to the selected blocks (DSA sparse stage)
+    measure: bool = False  # record sparsity and recall metrics
+    recall_queries: int = 64
+    ssa_seed: int = 0
+    chosen: str = "sparse"  # the path that feeds o_proj in mode "both", drawn per step
+    records: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.set_mode(self.mode)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown attention mode {mode!r}; choose one of {MODES}")
+        self.mode = mode
+
+    @contextmanager
+    def use_mode(self, mode: str):
+        previous = self.mode
+        self.set_mode(mode)
+        try:
+            yield self
+        finally:
+            self.mode = previous
+
+    @contextmanager
+    def measuring(self):
+        previous, self.measure = self.measure, True
+        try:
+            yield self
+        finally:
+            self.measure = previous
+
+    @contextmanager
+    def teacher_pass(self):
+        """Dense attention with nothing recorded (the teacher's forward in self-distillation)."""
+        saved = (self.mode, self.indexer_kl, self.measure)
+        self.mode, self.indexer_kl, self.measure = "full", False, False
+        try:
+            yield self
+        finally:
+            self.mode, self.indexer_kl, self.measure = saved
+
+    def begin_step(self, step: int) -> None:
+        """Draw the SSA path for this step (deterministic in (seed, step), so every rank and a resumed
+        run draw the same) and clear the records of the previous forward."""
+        self.chosen = "full" if random.Random(self.ssa_seed * 1_000_003 + step).random() < 0.5 else "sparse"
+        self.records.clear()
+
+    def path(self) -> str:
+        """What feeds o_proj now: 'full' or 'sparse'."""
+        return self.chosen if self.mode == "both" else self.mode
+
+    def record(self, name: str, layer_idx: int, value: torch.Tensor) -> None:
+        self.records.setdefault(name, {})[layer_idx] = value
+
+    def mean_of(self, name: str) -> torch.Tensor | None:
+        """Mean over layers of a recorded scalar (a tensor that keeps its graph), or None if none."""
+        values = list(self.records.get(name, {}).values())
+        return torch.stack([v.float() for v in values]).mean() if values else None
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Flat float metrics of the last forward (`sparsity/layer3`, `recall/mean`, ...); clears them."""
+        out: dict[str, float] = {}
+        for name in ("sparsity", "sparsity_streaming", "sparsity_retrieval", "recall", "recall_retrieval"):
+            per_layer = self.records.pop(name, {})
+            if not per_layer:
+                continue
+            prefix = name.replace("_", "/")
+            for layer, value in sorted(per_layer.items()):
+                out[f"{prefix}/layer{layer}"] = float(value)
+            out[f"{prefix}/mean"] = float(torch.stack([v.float() for v in per_layer.values()]).mean())
+        return out

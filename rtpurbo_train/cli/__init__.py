@@ -1,0 +1,1 @@
+"""Command-line entry points (thin: parse, call the package, turn user errors into one line)."""

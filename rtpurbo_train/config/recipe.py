@@ -1,0 +1,69 @@
+"""The recipe: one YAML file, validated into these types before any model is loaded."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ..data import DataConfig
+from ..models import ModelConfig
+from .stages import STAGE_TYPES, Stage, Strict
+
+
+class SparsitySettings(Strict):
+    """Sparsity plan settings (METHOD.md). The window is in tokens; scale it to the context."""
+    retrieval_fraction: float = Field(0.15, gt=0, le=1)
+    window: int = Field(1024, gt=0)
+    sink_tokens: int = Field(4, ge=0)
+    block_size: Literal[64] = 64
+    indexer_dim: int = Field(16, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: Optional[int] = Field(None, gt=0, description="fixed top-k blocks instead of top-p")
+    seqlen_threshold: int = Field(0, ge=0, description="exported model: dense attention below this length")
+    plan: Optional[str] = Field(None, description="use this plan.json instead of calibrating")
+    backend: Literal["auto", "reference", "triton"] = "auto"
+
+
+class DeepSpeedSettings(Strict):
+    config: str = Field("configs/zero2.json", description="a DeepSpeed JSON (relative to the repo or absolute)")
+    activation_checkpointing: bool = False
+
+
+class ParallelSettings(Strict):
+    sequence_parallel_size: int = Field(1, gt=0)
+
+
+class LoggingSettings(Strict):
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class Recipe(Strict):
+    name: str = "recipe"
+    description: str = ""
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sparsity: SparsitySettings = Field(default_factory=SparsitySettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    parallel: ParallelSettings = Field(default_factory=ParallelSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _order(self):
+        kinds = [s.type for s in self.stages]
+        if kinds.count("calibrate") > 1:
+            raise ValueError("at most one calibrate stage")
+        if "calibrate" in kinds and kinds.index("calibrate") != 0:
+            raise ValueError("calibrate must be the first stage")
+        if "calibrate" in kinds and self.sparsity.plan:
+            raise ValueError("sparsity.plan is given, so drop the calibrate stage (or drop sparsity.plan)")
+        return self
+
+    def stage_names(self) -> list[str]:
+        """Unique, stable names: `1-indexer_warmup`, `2-sparse_train`, ..."""
+        return [f"{i}-{s.type}" for i, s in enumerate(self.stages)]
+
+
+__all__ = ["Recipe", "SparsitySettings", "STAGE_TYPES"]

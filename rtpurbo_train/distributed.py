@@ -1,0 +1,68 @@
+"""Process-group helpers: NCCL on GPUs, gloo on CPU; everything degrades to one process."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(timeout_minutes: int = 30) -> torch.device:
+    """Join the process group the launcher (deepspeed, torchrun, srun) described; return this rank's device."""
+    import datetime
+
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    if cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    if not dist.is_initialized() or world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is True on any rank (e.g. a preemption signal seen by one process)."""
+    return all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0

@@ -1,0 +1,3 @@
+from .run import run_recipe
+
+__all__ = ["run_recipe"]
