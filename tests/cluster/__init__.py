@@ -1,0 +1,1 @@
+"""Tests of the cluster templates, hostfile helpers and memory estimate."""
