@@ -17,6 +17,7 @@ from .stage_export import run_export
 from .state import completed_stages, mark_completed
 
 TRAINING = ("indexer_warmup", "sparse_train")
+DONE_FILE = "DONE"  # written last: cluster entry points tell a finished run from a stopped one
 
 
 def run_recipe(recipe, output_dir: str | None = None) -> RunContext:
@@ -61,6 +62,8 @@ def run_recipe(recipe, output_dir: str | None = None) -> RunContext:
             run_evaluate(ctx, stage, name)
         mark_completed(out_dir, name)
         monitor.info(f"{name}: done in {time.time() - t0:.1f}s")
+    if dist.is_main():
+        (out_dir / DONE_FILE).write_text(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     monitor.info(f"recipe {recipe.name} finished in {time.time() - started:.1f}s; outputs in {out_dir}")
     if dist.is_main() and monitor.summary:
         print(monitor.summary_table(), flush=True)
