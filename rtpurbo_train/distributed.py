@@ -22,11 +22,23 @@ def init(timeout_minutes: int = 30) -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+    if not is_main():
+        _quiet()
     if cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def _quiet() -> None:
+    """Only rank 0 talks: silence library warnings and info logs on the other ranks."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "DeepSpeed", "deepspeed", "datasets", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def rank() -> int:

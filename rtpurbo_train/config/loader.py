@@ -24,7 +24,7 @@ def recipe_path(name: str) -> Path:
         return candidate
     known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UserError(f"unknown recipe {name!r}: not a YAML file and not one of {', '.join(known)}.{hint}")
 
 
@@ -67,32 +67,33 @@ def _stage_index(stages: list, part: str, key: str) -> int:
 
 
 def _model_at(loc: tuple, raw: dict):
-    """The pydantic model class that owns the field at `loc` (for listing valid keys)."""
-    model, node = Recipe, raw
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            node = node[part] if isinstance(node, list) and part < len(node) else {}
+    """The pydantic model class that owns the field at `loc` (for listing valid keys), or None."""
+    from .stages import CalibrateStage, EvaluateStage, ExportStage, IndexerWarmupStage, SparseTrainStage
+
+    stage_models = {"calibrate": CalibrateStage, "indexer_warmup": IndexerWarmupStage,
+                    "sparse_train": SparseTrainStage, "export": ExportStage, "evaluate": EvaluateStage}
+    model, parts, i = Recipe, list(loc[:-1]), 0
+    while i < len(parts) and model is not None:
+        part = parts[i]
+        if model is Recipe and part == "stages" and i + 1 < len(parts) and isinstance(parts[i + 1], int):
+            stages = raw.get("stages") or []
+            stage = stages[parts[i + 1]] if parts[i + 1] < len(stages) else {}
+            model = stage_models.get(stage.get("type")) if isinstance(stage, dict) else None
+            i += 2
             continue
-        field = model.model_fields.get(part) if model else None
-        if field is None:
-            return model
-        annotation = field.annotation
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-        model = _resolve_model(annotation, node)
+        field = model.model_fields.get(part)
+        model = _first_model(field.annotation) if field is not None else None
+        i += 1
     return model
 
 
-def _resolve_model(annotation, node):
+def _first_model(annotation):
     from typing import get_args
-    from .stages import CalibrateStage, EvaluateStage, ExportStage, IndexerWarmupStage, SparseTrainStage
-    stage_types = {"calibrate": CalibrateStage, "indexer_warmup": IndexerWarmupStage,
-                   "sparse_train": SparseTrainStage, "export": ExportStage, "evaluate": EvaluateStage}
-    if isinstance(node, dict) and node.get("type") in stage_types:
-        return stage_types[node["type"]]
+
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in get_args(annotation):
-        found = _resolve_model(arg, node)
+        found = _first_model(arg)
         if found is not None:
             return found
     return None

@@ -98,11 +98,10 @@ class RunContext:
                                   show_progress=dist.is_main())
 
     def eval_batches(self, stage, name: str) -> list[dict]:
-        from ..data import build_eval_batches
+        from .eval_batches import build_eval_batches
         batches = build_eval_batches(self.recipe.data, self.tokenizer, seq_len=stage.seq_len,
                                      micro_batch_size=stage.micro_batch_size, num_batches=stage.eval_batches,
-                                     seed=self.recipe.seed, dp_rank=self.dp_rank, dp_world=self.dp_world,
-                                     cache_dir=self.cache_dir())
+                                     dp_rank=self.dp_rank, dp_world=self.dp_world)
         return [{k: v.to(self.device) for k, v in b.items()} for b in batches]
 
     def cache_dir(self) -> Path:

@@ -1,14 +1,15 @@
 """Checkpoints for resume.
 
 Layout under `DIR/checkpoints/<stage>/`:
-- `step_<N>/`: a DeepSpeed checkpoint (model, optimizer, lr schedule) plus our client state (step,
-  data position). Written as `tmp-step_<N>/` and renamed once every rank has finished, then the
+- `step_<N>/`: a DeepSpeed checkpoint (model, optimizer, lr schedule), our client state (step) and
+  one `rank_state_<r>.json` per rank (its data position: each data-parallel rank reads its own shard). Written as `tmp-step_<N>/` and renamed once every rank has finished, then the
   `latest` pointer is replaced atomically, so a save killed mid-write is never picked up.
 - `final/model.safetensors`: the consolidated weights at the end of the stage (the next stage, or a
   resumed run, starts from them), also written to a temp folder and renamed.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -39,7 +40,7 @@ def latest_step(stage_dir: Path) -> int | None:
     return steps[-1] if steps else None
 
 
-def save(engine, stage_dir: Path, step: int, client_state: dict) -> None:
+def save(engine, stage_dir: Path, step: int, client_state: dict, rank_state: dict) -> None:
     """All ranks call this. Raises UserError (after cleaning up) if the save fails; the previous
     checkpoint stays intact because `latest` moves only after a complete save."""
     tag, tmp_tag = f"step_{step}", f"tmp-step_{step}"
@@ -50,6 +51,7 @@ def save(engine, stage_dir: Path, step: int, client_state: dict) -> None:
     error = None
     try:
         engine.save_checkpoint(str(stage_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+        _replace_text(stage_dir / tmp_tag / f"rank_state_{dist.rank()}.json", json.dumps(rank_state))
     except (OSError, RuntimeError) as err:
         error = err
     failed = dist.any_rank(error is not None, engine.device)
@@ -69,12 +71,15 @@ def save(engine, stage_dir: Path, step: int, client_state: dict) -> None:
                         f"the previous checkpoint is intact")
 
 
-def load(engine, stage_dir: Path, step: int) -> dict:
+def load(engine, stage_dir: Path, step: int) -> tuple[dict, dict]:
+    """-> (client state, this rank's own state)."""
     _, client_state = engine.load_checkpoint(str(stage_dir), tag=f"step_{step}", load_module_strict=True,
                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-    if client_state is None:
-        raise UserError(f"checkpoint {stage_dir}/step_{step} could not be loaded")
-    return client_state
+    own = stage_dir / f"step_{step}" / f"rank_state_{dist.rank()}.json"
+    if client_state is None or not own.is_file():
+        raise UserError(f"checkpoint {stage_dir}/step_{step} could not be loaded for rank {dist.rank()} "
+                        f"(was it written with another number of processes?)")
+    return client_state, json.loads(own.read_text())
 
 
 def _full_state_dict(engine) -> dict[str, torch.Tensor] | None:

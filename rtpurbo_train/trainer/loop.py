@@ -31,9 +31,9 @@ def train_stage(ctx, stage, name: str, global_offset: int) -> None:
     step = 0
     resume_step = ckpt.latest_step(stage_dir) if stage_dir.is_dir() else None
     if resume_step is not None:
-        state = ckpt.load(engine, stage_dir, resume_step)
+        state, own = ckpt.load(engine, stage_dir, resume_step)
         step = state["step"]
-        loader.load_state_dict(state["data"])
+        loader.load_state_dict(own["data"])
         monitor.info(f"{name}: resumed from checkpoint step {step} ({stage_dir / f'step_{step}'})")
 
     monitor.start_stage(name, stage.steps, step, global_offset)
@@ -76,7 +76,7 @@ def train_stage(ctx, stage, name: str, global_offset: int) -> None:
             monitor.log(name, step, global_offset + step, evaluate_losses(engine, teacher, runtime, eval_batches, stage))
         preempted = dist.any_rank(preemption.requested() is not None, ctx.device)
         if step % stage.save_every == 0 or step == stage.steps or preempted:
-            ckpt.save(engine, stage_dir, step, {"step": step, "data": loader.state_dict()})
+            ckpt.save(engine, stage_dir, step, {"step": step}, {"data": loader.state_dict()})
             last_saved = step
         if preempted:
             monitor.end_stage()

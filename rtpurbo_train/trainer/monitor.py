@@ -77,10 +77,13 @@ class Monitor:
             self._writer = None
 
     def summary_table(self) -> str:
+        """The last logged value of the main metrics, one row per stage (rank 0 prints it at the end)."""
         keys = ("train/loss", "train/loss_distill", "train/loss_lm", "train/loss_indexer_kl", "train/loss_ssa_align",
                 "eval/loss", "sparsity/mean", "recall/mean", "train/tokens_per_s")
-        lines = ["stage                     " + "  ".join(f"{k.split('/')[-1]:>16s}" for k in keys)]
-        for stage, metrics in self.summary.items():
-            cells = [f"{metrics[k]:16.4g}" if k in metrics else f"{'-':>16s}" for k in keys]
-            lines.append(f"{stage:25s} " + "  ".join(cells))
+        rows = {stage: m for stage, m in self.summary.items() if any(k in m for k in keys)}
+        width = max([len(s) for s in rows] + [5])
+        lines = [f"{'stage':{width}s}  " + "  ".join(f"{k:>21s}" for k in keys)]
+        for stage, metrics in rows.items():
+            cells = [f"{metrics[k]:21.4g}" if k in metrics else f"{'-':>21s}" for k in keys]
+            lines.append(f"{stage:{width}s}  " + "  ".join(cells))
         return "\n".join(lines)
