@@ -1,0 +1,221 @@
+"""indexer_block_select: Triton (CPU interpreter) vs the PyTorch reference, and both vs a float64
+brute force that enumerates block subsets."""
+import itertools
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import numpy as np
+import pytest
+import torch
+
+import triton.runtime.interpreter as triton_interpreter
+
+
+def _fix_interpreter_scalar_index():
+    # Triton 3.6's interpreter turns a 1-element array into a loop bound with int(array), which
+    # NumPy >= 2.4 refuses; runtime loop bounds (range(0, qb + 1)) then fail on CPU only.
+    try:
+        int(np.zeros(1))
+        return
+    except TypeError:
+        pass
+    original = triton_interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    triton_interpreter._patch_lang_tensor = patched
+
+
+_fix_interpreter_scalar_index()
+
+from rtpurbo_kernels.indexer_select import (  # noqa: E402
+    block_mass_reference,
+    indexer_block_select,
+    mask_from_block_index,
+)
+from rtpurbo_kernels.indexer_select import naive as select_naive  # noqa: E402
+from rtpurbo_kernels.indexer_select.block_mass_triton import block_mass_triton  # noqa: E402
+
+
+def random_indexer(B, T, Hkv, G, d, dtype=torch.float32, seed=0, spread=2.0):
+    """Fresh qi [B, T, G*Hkv, d], ki [B, T, Hkv, d]; `spread` sharpens the softmax (fewer near-ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    qi = (spread * torch.randn(B, T, Hkv * G, d, generator=gen)).to(dtype)
+    ki = torch.randn(B, T, Hkv, d, generator=gen).to(dtype)
+    return qi, ki
+
+
+def dense_mask(block_idx, block_cnt):
+    """The INTERFACES.md snippet, literally: [B, H, NQB, NQB] bool."""
+    B, H, nqb, _ = block_idx.shape
+    mask = torch.zeros(B, H, nqb, nqb, dtype=torch.bool)
+    for b, h, qb in itertools.product(range(B), range(H), range(nqb)):
+        mask[b, h, qb, block_idx[b, h, qb, :block_cnt[b, h, qb]].long()] = True
+    return mask
+
+
+def check_layout(block_idx, block_cnt):
+    assert block_idx.dtype == torch.int32 and block_cnt.dtype == torch.int32
+    B, H, nqb, maxb = block_idx.shape
+    assert maxb == max(1, int(block_cnt.max()))
+    for b, h, qb in itertools.product(range(B), range(H), range(nqb)):
+        c = int(block_cnt[b, h, qb])
+        row = block_idx[b, h, qb].tolist()
+        assert row[c:] == [-1] * (maxb - c)
+        assert row[:c] == sorted(set(row[:c])), "sorted ascending, unique"
+        assert all(0 <= x <= qb for x in row[:c]), "nothing above the diagonal"
+        assert qb in row[:c], "every query block selects its own block"
+
+
+CASES = [  # B, T, Hkv, G, d, dtype
+    (1, 200, 2, 1, 16, torch.float32),
+    (2, 130, 1, 3, 16, torch.float32),
+    (1, 257, 2, 4, 32, torch.bfloat16),
+    (1, 150, 1, 8, 8, torch.float16),  # d = 8 is zero-padded to 16 inside the kernel
+    (1, 64, 1, 4, 64, torch.float32),
+]
+
+
+@pytest.mark.parametrize("B,T,Hkv,G,d,dtype", CASES)
+def test_triton_masses_match_reference_and_fill_every_causal_entry(B, T, Hkv, G, d, dtype):
+    qi, ki = random_indexer(B, T, Hkv, G, d, dtype, seed=T + G)
+    ref = block_mass_reference(qi, ki, block_size=64)
+    nqb = ref.shape[-1]
+    poisoned = torch.full_like(ref, float("nan"))
+    got = block_mass_triton(qi, ki, block_size=64, out=poisoned)
+    causal = torch.ones(nqb, nqb, dtype=torch.bool).tril()
+    assert not torch.isnan(got[..., causal]).any()
+    torch.testing.assert_close(got[..., causal], ref[..., causal], atol=2e-6, rtol=1e-5)
+    # Each query block's masses sum to 1 (mean of row distributions).
+    torch.testing.assert_close(ref.sum(-1), torch.ones_like(ref.sum(-1)), atol=1e-5, rtol=0)
+
+
+def assert_same_selection(idx_a, cnt_a, idx_b, cnt_b, mass, top_p):
+    """Identical sets, except rows where the two fp32 mass sums straddle top_p within 1e-6."""
+    ma, mb = dense_mask(idx_a, cnt_a), dense_mask(idx_b, cnt_b)
+    differ = (ma != mb).any(-1)
+    for b, h, qb in differ.nonzero().tolist():
+        sum_a = mass[b, h, qb][ma[b, h, qb]].sum()
+        sum_b = mass[b, h, qb][mb[b, h, qb]].sum()
+        assert abs(float(sum_a - sum_b)) < 1e-5 and abs(float(sum_a) - top_p) < 1e-5, (b, h, qb)
+
+
+@pytest.mark.parametrize("mode", ["top_p", "top_k", "all"])
+@pytest.mark.parametrize("B,T,Hkv,G", [(1, 330, 2, 3), (2, 200, 1, 8)])
+def test_triton_selection_matches_reference(mode, B, T, Hkv, G):
+    qi, ki = random_indexer(B, T, Hkv, G, 16, seed=7 * T + G, spread=3.0)
+    kw = {"top_p": {"top_p": 0.8}, "top_k": {"top_k": 2}, "all": {"top_p": 1.0}}[mode]
+    kw.update(block_size=64, sink_blocks=1, local_blocks=1)
+    ref = indexer_block_select(qi, ki, backend="reference", **kw)
+    tri = indexer_block_select(qi, ki, backend="triton", **kw)
+    check_layout(*ref)
+    check_layout(*tri)
+    mass = block_mass_reference(qi, ki, block_size=64)
+    assert_same_selection(*ref, *tri, mass, kw.get("top_p", 2.0))
+    if mode == "all":
+        nqb = mass.shape[-1]
+        assert torch.equal(ref[1], torch.arange(1, nqb + 1, dtype=torch.int32).expand(B, Hkv, nqb))
+
+
+def brute_force_masses(qi, ki, block_size):
+    """float64, full T x T softmax per query head, explicit loops over blocks: [B, Hkv, NQB, NQB]."""
+    B, T, Hq, d = qi.shape
+    Hkv = ki.shape[2]
+    G = Hq // Hkv
+    q = qi.double().permute(0, 2, 1, 3)
+    k = ki.double().permute(0, 2, 1, 3).repeat_interleave(G, dim=1)
+    s = torch.einsum("bhmd,bhnd->bhmn", q, k) / d ** 0.5
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    nqb = -(-T // block_size)
+    mass = torch.zeros(B, Hkv, nqb, nqb, dtype=torch.float64)
+    for qb, kb in itertools.product(range(nqb), range(nqb)):
+        rows = slice(qb * block_size, min(T, (qb + 1) * block_size))
+        cols = slice(kb * block_size, min(T, (kb + 1) * block_size))
+        per_head = p[:, :, rows, cols].sum(-1).mean(-1)  # [B, Hq]
+        mass[:, :, qb, kb] = per_head.view(B, Hkv, G).mean(-1)
+    return mass
+
+
+def brute_force_expected(mass_row, qb, top_p, top_k, sink_blocks, local_blocks):
+    """Expected set for one query block by enumerating every subset of the causal blocks, or None
+    when a subset's mass is within 1e-5 of top_p (fp32 kernels may then decide either way)."""
+    blocks = list(range(qb + 1))
+    w = {kb: float(mass_row[kb]) for kb in blocks}
+    heaviest = sorted(blocks, key=lambda kb: -w[kb])
+    if top_k is not None:
+        chosen = set(heaviest[:min(top_k, qb + 1)])
+    elif top_p >= 1.0:
+        chosen = set(blocks)
+    else:
+        need = None
+        for size in range(1, qb + 2):
+            sums = [sum(w[kb] for kb in sub) for sub in itertools.combinations(blocks, size)]
+            if any(abs(x - top_p) < 1e-5 for x in sums):
+                return None
+            if max(sums) >= top_p:
+                need = size
+                break
+        chosen = set(heaviest[:need])
+    forced = set(range(sink_blocks)) | set(range(qb - local_blocks + 1, qb + 1))
+    return sorted(x for x in chosen | forced if 0 <= x <= qb)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("top_p,top_k,sink,local", [(0.5, None, 1, 1), (0.9, None, 2, 2), (0.3, None, 0, 1),
+                                                     (0.9, 3, 1, 1), (1.0, None, 0, 0)])
+def test_selection_matches_brute_force_subset_enumeration(backend, top_p, top_k, sink, local):
+    # bs = 16 keeps the shapes tiny: 6 query blocks, at most 2^6 subsets per row.
+    B, T, Hkv, G, bs = 2, 90, 2, 3, 16
+    qi, ki = random_indexer(B, T, Hkv, G, 16, seed=int(100 * top_p) + sink + local, spread=3.0)
+    block_idx, block_cnt = indexer_block_select(qi, ki, top_p=top_p, top_k=top_k, block_size=bs, sink_blocks=sink,
+                                                local_blocks=local, backend=backend)
+    check_layout(block_idx, block_cnt)
+    mass = brute_force_masses(qi, ki, bs)
+    checked = 0
+    for b, h, qb in itertools.product(range(B), range(Hkv), range(mass.shape[-1])):
+        expected = brute_force_expected(mass[b, h, qb], qb, top_p, top_k, sink, local)
+        if expected is None:
+            continue
+        got = block_idx[b, h, qb, :block_cnt[b, h, qb]].tolist()
+        assert got == expected, (b, h, qb, got, expected)
+        checked += 1
+    assert checked >= 20  # near-ties are rare: almost every row is checked
+
+
+def test_reference_chunking_does_not_change_masses(monkeypatch):
+    qi, ki = random_indexer(1, 300, 2, 3, 16, seed=11)
+    whole = block_mass_reference(qi, ki, block_size=64)
+    monkeypatch.setattr(select_naive, "CHUNK_BYTES", 1)  # one query block per chunk
+    chunked = block_mass_reference(qi, ki, block_size=64)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)  # matmul shapes differ: fp32 rounding
+
+
+def test_forced_blocks_with_tiny_top_p():
+    qi, ki = random_indexer(1, 64 * 6, 1, 2, 16, seed=3)
+    block_idx, block_cnt = indexer_block_select(qi, ki, top_p=1e-9, sink_blocks=2, local_blocks=2,
+                                                backend="reference")
+    mask = mask_from_block_index(block_idx, block_cnt, 6)[0, 0]
+    for qb in range(6):
+        forced = {x for x in (0, 1, qb - 1, qb) if 0 <= x <= qb}
+        got = set(mask[qb].nonzero().flatten().tolist())
+        assert forced <= got and len(got - forced) <= 1  # one heaviest block at most on top
+
+
+def test_bad_inputs_raise_clear_errors():
+    qi, ki = random_indexer(1, 64, 2, 2, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        indexer_block_select(qi[:, :, :3], ki)
+    with pytest.raises(ValueError, match="B, T or d"):
+        indexer_block_select(qi, ki[:, :32])
+    with pytest.raises(ValueError, match="top_p"):
+        indexer_block_select(qi, ki, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        indexer_block_select(qi, ki, top_k=0)
+    with pytest.raises(ValueError, match="block_size"):
+        indexer_block_select(qi, ki, block_size=48)
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        indexer_block_select(qi, ki, backend="cuda")
