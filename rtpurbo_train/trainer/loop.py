@@ -26,6 +26,9 @@ def train_stage(ctx, stage, name: str, global_offset: int) -> None:
     engine = build_engine(ctx.model, ctx.model.parameters(), stage, ctx.ds_base, device=ctx.device,
                           dp_world=ctx.dp_world)
     loader = ctx.train_loader(stage, name)
+    data = loader.stats()
+    monitor.info(f"{name}: data {data['documents']} documents -> {data['sequences']} sequences of {stage.seq_len} "
+                 f"tokens; skipped records: {data['skipped'] or 'none'}")
     eval_batches = ctx.eval_batches(stage, name)
 
     step = 0
@@ -70,6 +73,7 @@ def train_stage(ctx, stage, name: str, global_offset: int) -> None:
         if step % stage.log_every == 0 or step == stage.steps:
             metrics = _step_metrics(ctx, engine, sums, stage.grad_accum, tokens, time.perf_counter() - t0)
             metrics["train/skipped_batches"] = float(skipped_batches)
+            metrics["data/epoch"] = float(loader.stats()["epoch"])
             metrics.update(runtime.pop_metrics())
             monitor.log(name, step, global_offset + step, metrics)
         if stage.eval_every and step % stage.eval_every == 0 and step < stage.steps:
