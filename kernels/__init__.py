@@ -1,8 +1,18 @@
 """RTPurbo kernels (import name `rtpurbo_kernels`): each op is a folder with `naive.py` (the PyTorch
 reference), the Triton implementation and a README with the math and the index layout.
 The contracts are in docs/INTERFACES.md."""
-from .block_sparse_attn import block_sparse_attention
-from .indexer_kl import indexer_kl_loss
-from .indexer_select import indexer_block_select
+import importlib
 
-__all__ = ["block_sparse_attention", "indexer_block_select", "indexer_kl_loss"]
+_ENTRY_POINTS = {
+    "block_sparse_attention": "block_sparse_attn",
+    "indexer_block_select": "indexer_select",
+    "indexer_kl_loss": "indexer_kl",
+}
+__all__ = list(_ENTRY_POINTS)
+
+
+def __getattr__(name):
+    # Lazy, so importing one op (or the reference path on a machine without triton) loads only that op.
+    if name in _ENTRY_POINTS:
+        return getattr(importlib.import_module(f".{_ENTRY_POINTS[name]}", __name__), name)
+    raise AttributeError(name)
