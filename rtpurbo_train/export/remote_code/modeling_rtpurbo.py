@@ -1,0 +1,595 @@
+"""RTPurbo sparse attention for an exported Llama / Qwen2 / Qwen3 / Mistral model (`trust_remote_code=True`).
+
+Shipped inside every export folder. Imports only torch and transformers (plus `rtpurbo_kernels` for the
+Triton kernels, when installed and the tensors are on CUDA). The model class is the base architecture's
+own class (`RTPurboLlamaForCausalLM` subclasses `LlamaForCausalLM`, same weight names, same config
+class) with every self-attention module switched to the sparse attention below and an indexer added on
+layers that have retrieval heads. Without `trust_remote_code` the same folder loads as the plain model.
+
+Semantics (docs/INTERFACES.md of rtpurbo-train; identical to the training-time sparse model). For query
+i and key j (absolute positions), block size bs:
+- streaming KV heads: j <= i and (i - j < window or j < sink_tokens);
+- retrieval KV heads: qi = Wq q_pre, ki = Wk k_pre (pre-RoPE, per head), p_m = softmax_{n<=m}(scale qi_m.ki_n);
+  mass[qb, kb] = mean over the queries m of query block qb (those that exist) and the G query heads of the
+  group of sum_{n in kb} p_m(n); chosen = smallest prefix of the blocks kb <= qb sorted by mass (desc,
+  ties by index) whose sum reaches top_p (or the top_k heaviest), plus sink and local blocks; query i
+  sees key j iff j <= i and j // bs is chosen for i // bs;
+- softmax attention over the visible keys with the model's `scaling`, then o_proj.
+Dense (plain causal) attention when the prompt is shorter than `seqlen_threshold` (> 0).
+
+Decoding: the cache (cache_rtpurbo.py) keeps only sink + window tokens on streaming heads. A decoded
+token's selection averages the mass over the queries of its query block seen so far (the earlier ones
+are accumulated in the cache), which is what a no-cache forward over the whole sequence computes for a
+last, partial block. (Tokens decoded earlier in that block saw fewer block-mates than a later no-cache
+forward gives them, so their hidden states, and so later layers' inputs, may differ slightly.)
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from .cache_rtpurbo import RTPurboCache
+from .configuration_rtpurbo import INDEXER_WEIGHTS_NAME, RTPurboSparsityConfig
+
+# float32 score elements one chunk of query rows may hold (the PyTorch path never builds T x T per head).
+SCORE_ELEMENTS_PER_CHUNK = 1 << 25
+BACKENDS = ("auto", "torch", "kernels")
+
+
+# ---- indexer ------------------------------------------------------------------------------------------
+class HeadwiseProjection(nn.Module):
+    """One [d, D] matrix per head: x [B, H, T, D] -> [B, H, T, d] (weight [H, d, D])."""
+
+    def __init__(self, num_heads: int, out_dim: int, in_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, out_dim, in_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhtD,hdD->bhtd", x, self.weight.to(x.dtype))
+
+
+class RTPurboIndexer(nn.Module):
+    """Wq per retrieval query head [Hq_r, d, D], Wk per retrieval KV head [Hkv_r, d, D]."""
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dim: int):
+        super().__init__()
+        self.wq = HeadwiseProjection(num_q_heads, dim, head_dim)
+        self.wk = HeadwiseProjection(num_kv_heads, dim, head_dim)
+
+
+# ---- block selection (PyTorch) ----------------------------------------------------------------------------
+def select_blocks(mass: torch.Tensor, q_blocks: torch.Tensor, s: RTPurboSparsityConfig) -> torch.Tensor:
+    """mass float32 [B, H, n, NKB] of query blocks `q_blocks` [n] (absolute) -> chosen bool [B, H, n, NKB].
+
+    Entries kb > qb are ignored. The rule of `rtpurbo_kernels.indexer_block_select`: smallest prefix of
+    the causal blocks sorted by mass (descending, stable) whose sum reaches top_p (the heaviest always),
+    or the top_k heaviest; top_p >= 1 keeps every causal block; sink and local blocks are always added.
+    """
+    nkb = mass.shape[-1]
+    kb = torch.arange(nkb, device=mass.device)[None, :]
+    qb = q_blocks[:, None]
+    causal = kb <= qb  # [n, NKB]
+    if s.top_k is None and s.top_p >= 1.0:
+        chosen = causal.expand(mass.shape)
+    else:
+        ranked = torch.where(causal, mass.float(), float("-inf"))
+        vals, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
+        in_causal = kb <= qb  # sorted position r holds a causal block iff r <= qb
+        if s.top_k is not None:
+            keep = in_causal & (kb < s.top_k)
+        else:
+            vals = torch.where(in_causal, vals, 0.0)
+            mass_before = torch.cumsum(vals, dim=-1) - vals
+            keep = in_causal & (mass_before < s.top_p)
+            keep[..., 0] = True
+        keep = keep.expand(mass.shape)
+        chosen = torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, keep)
+    forced = (kb < s.sink_blocks) | (kb > qb - s.local_blocks)
+    return (chosen | forced) & causal
+
+
+def indexer_block_sums(qi: torch.Tensor, ki: torch.Tensor, start: int, scale: float, block_size: int):
+    """Indexer mass of the query rows at positions start .. start+R-1, summed per query block.
+
+    qi [B, Hr, G, R, d] (query heads grouped by KV head), ki [B, Hr, N, d] keys 0..N-1 with
+    N = start + R. Returns (sums float32 [B, Hr, nqb, NKB] = sum over the block's rows and the G heads of
+    each row's mass per key block, rows int [nqb] = rows per block); nqb counts the blocks the rows touch.
+    """
+    B, Hr, G, R, d = qi.shape
+    N = ki.shape[2]
+    bs = block_size
+    scores = torch.matmul(qi.float().reshape(B, Hr, G * R, d), ki.float().transpose(-1, -2)) * scale
+    scores = scores.view(B, Hr, G, R, N)
+    q_pos = torch.arange(start, start + R, device=qi.device)
+    k_pos = torch.arange(N, device=qi.device)
+    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # every row sees its own key
+    nkb = -(-N // bs)
+    probs = F.pad(probs, (0, nkb * bs - N)).view(B, Hr, G, R, nkb, bs).sum(-1).sum(2)  # [B, Hr, R, nkb]
+    lead = start % bs
+    nqb = -(-(lead + R) // bs)
+    probs = F.pad(probs, (0, 0, lead, nqb * bs - lead - R))
+    sums = probs.view(B, Hr, nqb, bs, nkb).sum(3)
+    first = start // bs
+    edges = torch.arange(first, first + nqb + 1) * bs
+    rows = (edges[1:].clamp(max=start + R) - edges[:-1].clamp(min=start)).tolist()
+    return sums, rows
+
+
+# ---- attention over chosen keys (PyTorch) ------------------------------------------------------------------
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
+    """q [B, H, G, R, D], k/v [B, H, N, D], visible bool [B|1, H|1, R, N] -> float32 [B, H, G, R, D].
+
+    Softmax in float32; a row that sees nothing gets 0 (never NaN)."""
+    B, H, G, R, D = q.shape
+    scores = torch.matmul(q.float().reshape(B, H, G * R, D), k.float().transpose(-1, -2)) * scaling
+    scores = scores.view(B, H, G, R, -1).masked_fill(~visible[:, :, None], float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(scores - row_max)
+    denom = probs.sum(dim=-1, keepdim=True)
+    probs = probs / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.matmul(probs.view(B, H, G * R, -1), v.float()).view(B, H, G, R, D)
+
+
+def _chunks(start: int, end: int, rows: int, block_size: int):
+    """[a, b) query-row ranges covering start..end, each ending on a block boundary (or at end)."""
+    a = start
+    while a < end:
+        b = min(end, (a // block_size) * block_size + rows)
+        yield a, b
+        a = b
+
+
+def _rows_per_chunk(batch_heads: int, keys: int, block_size: int, keys_grow_with_rows: bool = False) -> int:
+    """Query rows per chunk so that batch_heads * rows * keys score elements fit the budget (a multiple of
+    the block size, at least one block). When each chunk also reads its own rows as keys (streaming
+    heads: sink + window + the chunk), rows are also capped at sqrt(budget / batch_heads)."""
+    budget = SCORE_ELEMENTS_PER_CHUNK // max(1, batch_heads)
+    rows = budget // max(1, keys)
+    if keys_grow_with_rows:
+        rows = min(rows, math.isqrt(budget))
+    return max(block_size, rows // block_size * block_size)
+
+
+def streaming_attention(q, k, v, k_pos, start, s: RTPurboSparsityConfig, scaling):
+    """Sink + window heads. q [B, Hs, G, T, D] at positions start..; k/v [B, Hs, L, D] at `k_pos` [L]
+    (any order). Each chunk of rows gathers only the keys it can see. -> float32 [B, Hs, G, T, D]."""
+    B, Hs, G, T, D = q.shape
+    rows = _rows_per_chunk(B * Hs * G, s.sink_tokens + s.window, s.block_size, keys_grow_with_rows=True)
+    outs = []
+    for a, b in _chunks(start, start + T, rows, s.block_size):
+        near = ((k_pos < s.sink_tokens) | (k_pos > a - s.window)) & (k_pos < b)
+        idx = near.nonzero().squeeze(1)
+        pos = k_pos.index_select(0, idx)
+        q_pos = torch.arange(a, b, device=q.device)
+        dist = q_pos[:, None] - pos[None, :]
+        visible = (dist >= 0) & ((dist < s.window) | (pos[None, :] < s.sink_tokens))
+        outs.append(attend(q[:, :, :, a - start:b - start], k.index_select(2, idx), v.index_select(2, idx),
+                           visible[None, None], scaling))
+    return torch.cat(outs, dim=3)
+
+
+def retrieval_attention(q, k, v, qi, ki, start, carry, s: RTPurboSparsityConfig, scaling):
+    """Indexer-selected blocks. q [B, Hr, G, T, D] and qi [B, Hr, G, T, d] at positions start..start+T-1;
+    k/v [B, Hr, N, D], ki [B, Hr, N, d] for positions 0..N-1 (N = start + T).
+    `carry` = (sums [B, Hr, nkb], rows) already accumulated for the query block holding `start` (decode),
+    or None. Returns (out float32 [B, Hr, G, T, D], carry for the last block if it is unfinished, else None).
+    """
+    B, Hr, G, T, D = q.shape
+    bs, end = s.block_size, start + T
+    rows = _rows_per_chunk(B * Hr * G, end, bs)
+    outs, new_carry = [], None
+    for a, b in _chunks(start, end, rows, bs):
+        sums, counts = indexer_block_sums(qi[:, :, :, a - start:b - start], ki[:, :, :b], a, s.indexer_scale, bs)
+        if carry is not None and a == start:
+            sums[:, :, 0, :carry[0].shape[-1]] += carry[0]
+            counts[0] += carry[1]
+        first = a // bs
+        q_blocks = torch.arange(first, first + len(counts), device=q.device)
+        denom = torch.tensor(counts, dtype=torch.float32, device=q.device) * G
+        chosen = select_blocks(sums / denom[:, None], q_blocks, s)  # [B, Hr, nqb, nkb]
+        q_pos = torch.arange(a, b, device=q.device)
+        k_pos = torch.arange(b, device=q.device)
+        visible = chosen[:, :, q_pos // bs - first][..., k_pos // bs] & (k_pos[None, :] <= q_pos[:, None])
+        outs.append(attend(q[:, :, :, a - start:b - start], k[:, :, :b], v[:, :, :b], visible, scaling))
+        if b == end and end % bs:
+            new_carry = (sums[:, :, -1], counts[-1])
+    return torch.cat(outs, dim=3), new_carry
+
+
+def dense_attention(q, k, v, start, scaling):
+    """Plain causal attention. q [B, Hq, T, D] at positions start..; k/v [B, Hkv, start + T, D]."""
+    T, N = q.shape[2], k.shape[2]
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    mask = None
+    if T > 1:
+        mask = torch.arange(N, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+# ---- the kernel path (rtpurbo_kernels on CUDA) -----------------------------------------------------------------
+def _kernels():
+    """The installed `rtpurbo_kernels` package, or None."""
+    if importlib.util.find_spec("rtpurbo_kernels") is None:
+        return None
+    return importlib.import_module("rtpurbo_kernels")
+
+
+def _mask_to_block_index(mask: torch.Tensor):
+    """bool [..., N] -> (idx int32 [..., MAXB] ascending, -1 padded; cnt int32 [...]) (INTERFACES.md layout)."""
+    n = mask.shape[-1]
+    cnt = mask.sum(-1)
+    maxb = max(1, int(cnt.max())) if cnt.numel() else 1
+    keyed = torch.where(mask, torch.arange(n, device=mask.device), n)
+    idx = torch.sort(keyed, dim=-1).values[..., :maxb]
+    return torch.where(idx == n, -1, idx).to(torch.int32).contiguous(), cnt.to(torch.int32)
+
+
+def streaming_block_mask(num_blocks: int, s: RTPurboSparsityConfig, device) -> torch.Tensor:
+    """bool [NQB, NQB]: the sink blocks and every block the window of a query of the block touches."""
+    qb = torch.arange(num_blocks, device=device)[:, None]
+    kb = torch.arange(num_blocks, device=device)[None, :]
+    first_window_block = (qb * s.block_size - s.window + 1).clamp(min=0) // s.block_size
+    sink = kb < -(-s.sink_tokens // s.block_size)
+    return (sink | (kb >= first_window_block)) & (kb <= qb)
+
+
+def kernel_prefill(kern, q, k, v, qi, ki, heads: "LayerHeads", s: RTPurboSparsityConfig, scaling, backend):
+    """Whole-prompt sparse attention with `rtpurbo_kernels` (one block-sparse call for every head).
+    q [B, Hq, T, D], k/v [B, Hkv, T, D]; qi [B, Hr, G, T, d], ki [B, Hr, T, d] or None -> [B, Hq, T, D]."""
+    B, Hkv, T, _ = k.shape
+    nqb = -(-T // s.block_size)
+    mask = streaming_block_mask(nqb, s, q.device).expand(B, Hkv, nqb, nqb).clone()
+    ret = heads.index("kv", q.device)
+    if qi is not None:
+        Hr, G, d = qi.shape[1], qi.shape[2], qi.shape[-1]
+        qi_t = qi.permute(0, 3, 1, 2, 4).reshape(B, T, Hr * G, d)
+        r_idx, r_cnt = kern.indexer_block_select(
+            qi_t, ki.transpose(1, 2), top_p=s.top_p, top_k=s.top_k, block_size=s.block_size,
+            sink_blocks=s.sink_blocks, local_blocks=s.local_blocks, scale=s.indexer_scale, backend=backend)
+        valid = torch.arange(r_idx.shape[-1], device=q.device) < r_cnt[..., None]
+        target = torch.where(valid, r_idx.long(), nqb)
+        r_mask = torch.zeros(B, Hr, nqb, nqb + 1, dtype=torch.bool, device=q.device).scatter_(-1, target, True)
+        mask[:, ret] = r_mask[..., :nqb]
+    idx, cnt = _mask_to_block_index(mask)
+    kv_window = torch.full((Hkv,), s.window, dtype=torch.int32, device=q.device)
+    kv_window[ret] = 0
+    out, _ = kern.block_sparse_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, cnt, kv_window=kv_window,
+        sink_tokens=s.sink_tokens, sm_scale=scaling, block_size=s.block_size, backend=backend)
+    return out.transpose(1, 2)
+
+
+# ---- the attention module -------------------------------------------------------------------------------------
+@dataclass
+class RTPurboOptions:
+    """Model-wide switches, shared by every layer. `backend`: "auto" (rtpurbo_kernels on CUDA when
+    installed, else PyTorch), "torch", or "kernels" (rtpurbo_kernels with its own device dispatch).
+    `sparse=False` runs the same model densely (for comparisons)."""
+    backend: str = "auto"
+    sparse: bool = True
+
+
+class LayerHeads:
+    """The head split of one layer, as index tensors cached per device."""
+
+    def __init__(self, settings: RTPurboSparsityConfig, layer: int):
+        self.lists = {"kv": list(settings.retrieval_kv_heads[layer]), "q": settings.retrieval_q_heads(layer),
+                      "stream_kv": settings.streaming_kv_heads(layer)}
+        g = settings.group
+        self.lists["stream_q"] = [h * g + j for h in self.lists["stream_kv"] for j in range(g)]
+        self._on: dict = {}
+
+    def count(self, name: str) -> int:
+        return len(self.lists[name])
+
+    def index(self, name: str, device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._on:
+            self._on[key] = torch.tensor(self.lists[name], dtype=torch.long, device=device)
+        return self._on[key]
+
+
+class RTPurboAttention(nn.Module):
+    """Mixed into the base attention class (`RTPurboLlamaAttention(RTPurboAttention, LlamaAttention)`):
+    reuses its projections, norms and RoPE; replaces the attention and the cache handling."""
+
+    rtpurbo_settings: RTPurboSparsityConfig
+    rtpurbo_heads: LayerHeads
+    rtpurbo_options: RTPurboOptions
+    _rtpurbo_base: type  # the base attention class (LlamaAttention, Qwen3Attention, ...)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        shape = (B, T, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_pre, k_pre = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
+        cos, sin = position_embeddings
+        q_rot, k_rot = self._rtpurbo_apply_rope(q_pre, k_pre, cos, sin)
+
+        cache = None
+        if past_key_values is not None:
+            if not isinstance(past_key_values, RTPurboCache):
+                raise TypeError(f"the RTPurbo model needs an RTPurboCache (model.make_cache()), got {type(past_key_values).__name__}")
+            cache = past_key_values.layers[self.layer_idx]
+        start = cache.seen if cache is not None else 0
+        store = cache is not None
+        if kwargs.get("rtpurbo_mode", "sparse") == "dense":
+            if cache is not None:
+                k_rot, v = cache.append_full(k_rot, v, store)
+            out = dense_attention(q_rot, k_rot, v, start, self.scaling).float()
+        else:
+            out = self._rtpurbo_sparse(q_pre, k_pre, q_rot, k_rot, v, cache, start)
+        if cache is not None:
+            cache.advance(T)
+        out = out.to(hidden_states.dtype).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(out), None
+
+    def _rtpurbo_sparse(self, q_pre, k_pre, q, k, v, cache, start):
+        """[B, H, T, D] inputs -> float32 [B, Hq, T, D]."""
+        s, heads = self.rtpurbo_settings, self.rtpurbo_heads
+        B, Hq, T, D = q.shape
+        G = s.group
+        store = cache is not None
+        dev = q.device
+        has_ret, has_stream = heads.count("kv") > 0, heads.count("stream_kv") > 0
+        qi = ki_new = None
+        if has_ret:
+            ret_q, ret_kv = heads.index("q", dev), heads.index("kv", dev)
+            qi = self.indexer.wq(q_pre[:, ret_q]).view(B, heads.count("kv"), G, T, -1)
+            ki_new = self.indexer.wk(k_pre[:, ret_kv])
+
+        kern = self._rtpurbo_kernels(q)
+        if kern is not None and start == 0:
+            # The kernels' own "auto": Triton on CUDA, their PyTorch reference elsewhere.
+            out = kernel_prefill(kern, q, k, v, qi, ki_new, heads, s, self.scaling, "auto")
+            if store:
+                self._rtpurbo_store_prefill(cache, k, v, qi, ki_new)
+            return out.float()
+
+        out = q.new_empty(B, Hq, T, D, dtype=torch.float32)
+        if has_stream:
+            s_q, s_kv = heads.index("stream_q", dev), heads.index("stream_kv", dev)
+            ks, vs = k[:, s_kv], v[:, s_kv]
+            if cache is not None:
+                ks, vs, k_pos = cache.append_streaming(ks, vs, start, store)
+            else:
+                k_pos = torch.arange(T, device=dev)
+            o = streaming_attention(q[:, s_q].view(B, -1, G, T, D), ks, vs, k_pos, start, s, self.scaling)
+            out[:, s_q] = o.reshape(B, -1, T, D)
+        if has_ret:
+            kr, vr, ki = k[:, ret_kv], v[:, ret_kv], ki_new
+            carry = None
+            if cache is not None:
+                kr, vr = cache.append_full(kr, vr, store)
+                ki = cache.append_indexer_keys(ki_new, store)
+                if start % s.block_size and cache.block_mass is not None:
+                    carry = (cache.block_mass, cache.block_rows)
+            o, carry = retrieval_attention(q[:, ret_q].view(B, -1, G, T, D), kr, vr, qi, ki, start, carry, s, self.scaling)
+            out[:, ret_q] = o.reshape(B, -1, T, D)
+            if store:
+                cache.block_mass, cache.block_rows = (carry if carry is not None else (None, 0))
+        return out
+
+    def _rtpurbo_store_prefill(self, cache, k, v, qi, ki):
+        """After a kernel prefill: fill the cache as the PyTorch path would (trimmed streaming heads, full
+        retrieval heads, indexer keys, and the mass of the last query block when it is unfinished)."""
+        heads, s = self.rtpurbo_heads, self.rtpurbo_settings
+        dev, T = k.device, k.shape[2]
+        if heads.count("stream_kv"):
+            s_kv = heads.index("stream_kv", dev)
+            cache.append_streaming(k[:, s_kv], v[:, s_kv], 0, True)
+        if heads.count("kv"):
+            ret_kv = heads.index("kv", dev)
+            cache.append_full(k[:, ret_kv], v[:, ret_kv], True)
+            cache.append_indexer_keys(ki, True)
+            cache.block_mass, cache.block_rows = None, 0
+            if T % s.block_size:
+                a = T - T % s.block_size
+                sums, rows = indexer_block_sums(qi[:, :, :, a:], ki, a, s.indexer_scale, s.block_size)
+                cache.block_mass, cache.block_rows = sums[:, :, -1], rows[-1]
+
+    def _rtpurbo_kernels(self, q):
+        backend = self.rtpurbo_options.backend
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown rtpurbo backend {backend!r}; choose one of {BACKENDS}")
+        if backend == "torch" or (backend == "auto" and not q.is_cuda):
+            return None
+        kern = _kernels()
+        if kern is None and backend == "kernels":
+            raise RuntimeError("rtpurbo backend 'kernels' needs the rtpurbo_kernels package (pip install rtpurbo-train)")
+        return kern
+
+    def _rtpurbo_apply_rope(self, q, k, cos, sin):
+        # The base architecture's own RoPE function, so rotated q/k match the plain model bit for bit.
+        rope = getattr(sys.modules[self._rtpurbo_base.__module__], "apply_rotary_pos_emb")
+        return rope(q, k, cos, sin)
+
+
+_ATTENTION_CLASSES: dict[type, type] = {}
+
+
+def sparse_attention_class(base: type) -> type:
+    if base not in _ATTENTION_CLASSES:
+        _ATTENTION_CLASSES[base] = type(f"RTPurbo{base.__name__}", (RTPurboAttention, base), {"_rtpurbo_base": base})
+    return _ATTENTION_CLASSES[base]
+
+
+# ---- the causal LM -----------------------------------------------------------------------------------------------
+def _no_padding(attention_mask) -> None:
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
+        raise ValueError("the RTPurbo model does not support padded batches (attention_mask has zeros): "
+                         "run sequences one at a time or in batches of equal length")
+
+
+class RTPurboCausalLMMixin:
+    """Turns a base `XxxForCausalLM` into the sparse model; see the module docstring."""
+
+    _keys_to_ignore_on_load_missing = [r"\.self_attn\.indexer\."]
+
+    def post_init(self):
+        # Runs inside the base __init__, before weight init: the indexers then exist when weights are
+        # initialised or materialised by from_pretrained.
+        self._install_rtpurbo()
+        super().post_init()
+
+    def _install_rtpurbo(self) -> None:
+        settings = RTPurboSparsityConfig.from_model_config(self.config)
+        self.rtpurbo_settings = settings
+        self.rtpurbo_options = RTPurboOptions()
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            if getattr(attn, "sliding_window", None):
+                raise ValueError(f"layer {i} uses sliding-window attention, which RTPurbo models do not support")
+            attn.__class__ = sparse_attention_class(type(attn))
+            attn.rtpurbo_settings = settings
+            attn.rtpurbo_heads = LayerHeads(settings, i)
+            attn.rtpurbo_options = self.rtpurbo_options
+            if settings.retrieval_kv_heads[i]:
+                attn.indexer = RTPurboIndexer(len(settings.retrieval_q_heads(i)), len(settings.retrieval_kv_heads[i]),
+                                              settings.head_dim, settings.indexer_dim)
+
+    def _init_weights(self, module):
+        if isinstance(module, HeadwiseProjection):
+            nn.init.normal_(module.weight, std=(module.weight.shape[1] * module.weight.shape[2]) ** -0.25)
+        else:
+            super()._init_weights(module)
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                      if k in kwargs}
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.load_indexer_weights(pretrained_model_name_or_path, **hub_kwargs)
+        return model
+
+    def load_indexer_weights(self, folder, **hub_kwargs) -> None:
+        """Read `rtpurbo_indexer.safetensors` (kept out of the base index so plain loaders never see it)."""
+        from safetensors.torch import load_file
+
+        expected = {n: p for n, p in self.named_parameters() if ".self_attn.indexer." in n}
+        if not expected:
+            return
+        path = os.path.join(str(folder), INDEXER_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            from transformers.utils import cached_file
+            path = cached_file(str(folder), INDEXER_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if path is None or not os.path.isfile(path):
+            raise ValueError(f"{folder}: {INDEXER_WEIGHTS_NAME} is missing; the plan has retrieval heads, so the "
+                             "indexer weights are required")
+        tensors = load_file(path)
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ValueError(f"{path}: indexer weights do not match the plan (missing {missing[:4]}, unexpected {extra[:4]})")
+        with torch.no_grad():
+            for name, param in expected.items():
+                if tuple(tensors[name].shape) != tuple(param.shape):
+                    raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
+                param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Same layout as the export: indexer weights in their own file, never in the base weights."""
+        from safetensors.torch import save_file
+
+        full = self.state_dict()
+        kwargs.setdefault("state_dict", {k: v for k, v in full.items() if ".self_attn.indexer." not in k})
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        indexer = {k: v.detach().contiguous() for k, v in full.items() if ".self_attn.indexer." in k}
+        if indexer:
+            save_file(indexer, os.path.join(str(save_directory), INDEXER_WEIGHTS_NAME), metadata={"format": "pt"})
+        # transformers writes this class's name; plain engines must keep seeing the base architecture.
+        config_path = os.path.join(str(save_directory), "config.json")
+        with open(config_path) as f:
+            data = json.load(f)
+        data["architectures"] = [self._rtpurbo_base_name]
+        with open(config_path, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+
+    # ---- running ------------------------------------------------------------------------------------------------
+    def make_cache(self) -> RTPurboCache:
+        s = self.rtpurbo_settings
+        return RTPurboCache(s.num_layers, s.sink_tokens, s.window)
+
+    def set_sparse(self, enabled: bool) -> None:
+        """Sparse (default) or plain dense attention for the next sequences (a cache keeps its mode)."""
+        self.rtpurbo_options.sparse = bool(enabled)
+
+    def _rtpurbo_mode(self, cache, num_new: int) -> str:
+        if cache is not None and cache.mode is not None and cache.get_seq_length() > 0:
+            return cache.mode
+        threshold = self.rtpurbo_settings.seqlen_threshold
+        dense = not self.rtpurbo_options.sparse or (threshold > 0 and num_new < threshold)
+        mode = "dense" if dense else "sparse"
+        if cache is not None:
+            cache.mode = mode
+        return mode
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is not None and not isinstance(past_key_values, RTPurboCache):
+            if past_key_values.get_seq_length() > 0:
+                raise TypeError(f"the RTPurbo model needs an RTPurboCache (model.make_cache()), got "
+                                f"{type(past_key_values).__name__}")
+            past_key_values = None  # an empty stock cache from a caller: replace it
+        if past_key_values is None and use_cache:
+            past_key_values = self.make_cache()
+        _no_padding(attention_mask)
+        num_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        mode = self._rtpurbo_mode(past_key_values, num_new)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                               use_cache=use_cache, logits_to_keep=logits_to_keep, rtpurbo_mode=mode, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation is not None:
+                raise ValueError("RTPurbo models use their own cache; leave generation_config.cache_implementation unset")
+            model_kwargs["past_key_values"] = self.make_cache()
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+_CAUSAL_LM_CLASSES: dict[type, type] = {}
+
+
+def sparse_causal_lm_class(base: type) -> type:
+    """`RTPurbo<Base>` for a transformers causal-LM class with `model.layers[i].self_attn`."""
+    if base not in _CAUSAL_LM_CLASSES:
+        _CAUSAL_LM_CLASSES[base] = type(f"RTPurbo{base.__name__}", (RTPurboCausalLMMixin, base),
+                                        {"__module__": __name__, "_rtpurbo_base_name": base.__name__})
+    return _CAUSAL_LM_CLASSES[base]
+
+
+RTPurboLlamaForCausalLM = sparse_causal_lm_class(transformers.LlamaForCausalLM)
+RTPurboQwen2ForCausalLM = sparse_causal_lm_class(transformers.Qwen2ForCausalLM)
+RTPurboQwen3ForCausalLM = sparse_causal_lm_class(transformers.Qwen3ForCausalLM)
+RTPurboMistralForCausalLM = sparse_causal_lm_class(transformers.MistralForCausalLM)
+
+
+def __getattr__(name: str):
+    # Other RoPE GQA decoders with the same module layout: `RTPurbo<Arch>` built on first use.
+    if name.startswith("RTPurbo") and name.endswith("ForCausalLM"):
+        base = getattr(transformers, name[len("RTPurbo"):], None)
+        if base is not None:
+            return sparse_causal_lm_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
