@@ -34,7 +34,10 @@ def _dense(query, key, value, scaling):
 
 
 def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [B, Hq, T, D], key/value [B, Hkv, T, D] (RoPE'd) -> ([B, T, Hq, D], None)."""
+    """query [B, Hq, T, D], key/value [B, Hkv, T, D] (RoPE'd) -> ([B, T, Hq, D], None).
+
+    Under sequence parallelism this is Ulysses' core attention: T is the whole gathered sequence and
+    the heads are this rank's slice (`runtime.layers` then holds the rank's local constants)."""
     runtime: SparseRuntime = module.rtpurbo_runtime
     layer: LayerSparsity = runtime.layers[module.layer_idx]
     if query.shape[2] != key.shape[2]:
@@ -47,6 +50,10 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
     need_indexer = has_retrieval and (need_sparse or runtime.indexer_kl)
 
     out_full = _dense(query, key, value, scaling) if runtime.mode in ("full", "both") else None
+    if runtime.indexer_kl and not has_retrieval and layer.has_indexer:
+        # SP rank without this layer's retrieval heads: record a zero that still reaches the indexer
+        # weights, so every rank produces the same gradients (ZeRO reduces them in lockstep).
+        runtime.record("indexer_kl", layer.layer_idx, _indexer_zero(module.indexer))
     if not (need_sparse or need_indexer):
         return out_full, None
 
@@ -59,12 +66,12 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
 
     qi = ki = selection = None
     if need_indexer:
-        cos, sin = module.rtpurbo_rope
+        cos, sin = _rope_for(module, runtime, query, kwargs)
         q_ret = query[:, layer.retrieval_q].detach()
         k_ret = key[:, layer.retrieval_kv].detach()
         q_pre = undo_rope(q_ret, cos, sin).transpose(1, 2)
         k_pre = undo_rope(k_ret, cos, sin).transpose(1, 2)
-        qi, ki = module.indexer(q_pre, k_pre)
+        qi, ki = _project_indexer(module.indexer, q_pre, k_pre, layer)
         if need_sparse:
             selection = rtpurbo_kernels.indexer_block_select(
                 qi.detach(), ki.detach(), top_p=plan.top_p, top_k=plan.top_k, block_size=bs,
@@ -76,7 +83,7 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
                 q_ret.transpose(1, 2), k_ret.transpose(1, 2), qi, ki, sm_scale=scaling,
                 scale=module.indexer.scale, block_idx=sel_idx, block_cnt=sel_cnt, block_size=bs,
                 backend=runtime.backend)
-            runtime.record("indexer_kl", layer.layer_idx, kl)
+            runtime.record("indexer_kl", layer.layer_idx, kl * layer.kl_share)
 
     if not need_sparse:
         return out_full, None
@@ -90,10 +97,39 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
             q, k, value.transpose(1, 2), idx, cnt, kv_window=kv_window, sink_tokens=plan.sink_tokens,
             sm_scale=scaling, block_size=bs, backend=runtime.backend)
     if runtime.mode == "both":
-        runtime.record("ssa_align", layer.layer_idx, ssa_alignment_loss(out_full, out_sparse))
+        runtime.record("ssa_align", layer.layer_idx, ssa_alignment_loss(out_full, out_sparse) * runtime.head_share)
     if runtime.measure:
         _record_metrics(runtime, layer, q, k, idx, cnt, kv_window, scaling)
     return (out_sparse if path == "sparse" else out_full), None
+
+
+def _rope_for(module, runtime, query, kwargs):
+    """cos/sin [B, T, D] for the T positions the attention function sees. Under sequence parallelism
+    the decoder layer's cos/sin are the local shard's; Ulysses hands us the gathered `position_ids`,
+    from which the model's own rotary embedding recomputes them for the whole sequence."""
+    cos, sin = module.rtpurbo_rope
+    if cos.shape[-2] == query.shape[2]:
+        return cos, sin
+    sp = runtime.sequence_parallel
+    if sp is None or kwargs.get("position_ids") is None:
+        raise RuntimeError(f"the layer's rotary embedding covers {cos.shape[-2]} positions but the attention "
+                           f"sees {query.shape[2]}; sequence parallelism needs position_ids in the forward")
+    return sp.rotary(query, kwargs["position_ids"])
+
+
+def _project_indexer(indexer, q_pre, k_pre, layer: LayerSparsity):
+    """Indexer projections of the heads this rank holds: all rows, or (sequence parallelism) the rows
+    of the rank's retrieval heads. q_pre [B, T, Hq_r', D], k_pre [B, T, Hkv_r', D]."""
+    if layer.indexer_q_rows is None:
+        return indexer(q_pre, k_pre)
+    wq = indexer.wq.weight.index_select(0, layer.indexer_q_rows.to(q_pre.device))
+    wk = indexer.wk.weight.index_select(0, layer.indexer_k_rows.to(k_pre.device))
+    return (torch.einsum("bthD,hdD->bthd", q_pre, wq.to(q_pre.dtype)),
+            torch.einsum("bthD,hdD->bthd", k_pre, wk.to(k_pre.dtype)))
+
+
+def _indexer_zero(indexer) -> torch.Tensor:
+    return (indexer.wq.weight.sum() + indexer.wk.weight.sum()).float() * 0.0
 
 
 @torch.no_grad()
@@ -125,24 +161,32 @@ def attention_modules(model) -> list[torch.nn.Module]:
 def attach_sparsity(model, plan, *, backend: str = "auto", seed: int = 0) -> SparseRuntime:
     """Add indexers and the `rtpurbo` attention to `model` in place; return the shared runtime.
 
+    With `plan.kv_head_permutation` the model's q/k/v/o weights must already be in that slot order
+    (`parallel.apply_kv_head_permutation`); the runtime and the indexer rows then use slot numbers.
+
     Indexers start from a random sketch (see `Indexer.reset_parameters`) seeded by `seed`.
     """
     plan.check_model(model.config)
+    # A global registration; sequence parallelism wraps it with a local override of the same name
+    # (parallel/ulysses.py), which this does not disturb.
     AttentionInterface.register(ATTENTION_NAME, rtpurbo_attention)
     runtime = SparseRuntime(plan=plan, backend=backend, ssa_seed=seed)
     gen = torch.Generator().manual_seed(seed)
     param = next(model.parameters())
+    group = plan.model.group
     for module in attention_modules(model):
         i = module.layer_idx
-        ret_kv = torch.tensor(plan.retrieval_kv_heads(i), dtype=torch.long)
+        slot_of = _slot_of(plan, i)
+        ret_kv = torch.tensor(sorted(slot_of[h] for h in plan.retrieval_kv_heads(i)), dtype=torch.long)
+        ret_q = (ret_kv[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
         window = torch.full((plan.model.num_kv_heads,), plan.window, dtype=torch.int32)
         window[ret_kv] = 0
         streaming = torch.tensor([h for h in range(plan.model.num_kv_heads) if h not in set(ret_kv.tolist())], dtype=torch.long)
-        runtime.layers[i] = LayerSparsity(i, ret_kv, torch.tensor(plan.retrieval_q_heads(i), dtype=torch.long),
-                                          streaming, window)
+        runtime.layers[i] = LayerSparsity(i, ret_kv, ret_q, streaming, window)
         if ret_kv.numel() and not hasattr(module, "indexer"):
             indexer = Indexer(len(plan.retrieval_q_heads(i)), ret_kv.numel(), plan.model.head_dim, plan.indexer_dim)
             indexer.reset_parameters(gen)
+            _rows_to_slot_order(indexer, plan.retrieval_kv_heads(i), slot_of, group)
             module.indexer = indexer.to(device=param.device, dtype=torch.float32)
         module.rtpurbo_runtime = runtime
         if not getattr(module, "_rtpurbo_hooked", False):
@@ -150,6 +194,29 @@ def attach_sparsity(model, plan, *, backend: str = "auto", seed: int = 0) -> Spa
             module._rtpurbo_hooked = True
     _set_attention(model, ATTENTION_NAME)
     return runtime
+
+
+def _slot_of(plan, layer: int) -> list[int]:
+    """slot_of[h] = the slot of original KV head h in the model's weights (plan.kv_head_permutation)."""
+    perm = plan.kv_head_permutation
+    if perm is None:
+        return list(range(plan.model.num_kv_heads))
+    slot_of = [0] * plan.model.num_kv_heads
+    for slot, head in enumerate(perm[layer]):
+        slot_of[head] = slot
+    return slot_of
+
+
+@torch.no_grad()
+def _rows_to_slot_order(indexer, retrieval: list[int], slot_of: list[int], group: int) -> None:
+    """The random init draws rows for the retrieval heads in original order; store them in slot order
+    so a permuted model starts from exactly the permuted copy of the unpermuted model's indexer."""
+    order = torch.tensor(sorted(range(len(retrieval)), key=lambda r: slot_of[retrieval[r]]), dtype=torch.long)
+    if torch.equal(order, torch.arange(len(retrieval))):
+        return
+    q_order = (order[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
+    indexer.wk.weight.copy_(indexer.wk.weight.index_select(0, order))
+    indexer.wq.weight.copy_(indexer.wq.weight.index_select(0, q_order))
 
 
 def _set_attention(model, name: str) -> None:

@@ -17,12 +17,23 @@ MODES = ("full", "sparse", "both")
 
 @dataclass
 class LayerSparsity:
-    """Per-layer constants: which KV/query heads are retrieval heads and each KV head's window."""
+    """Per-layer constants: which KV/query heads are retrieval heads and each KV head's window.
+
+    Head numbers are slots of the heads the attention function receives: all heads (in the model's
+    possibly permuted order, see plan.kv_head_permutation), or, under sequence parallelism, the
+    rank's slice of them (`parallel/head_slices.py`)."""
     layer_idx: int
     retrieval_kv: torch.Tensor  # int64 [Hkv_r]
     retrieval_q: torch.Tensor  # int64 [Hq_r]
     streaming_kv: torch.Tensor  # int64 [Hkv - Hkv_r]
     kv_window: torch.Tensor  # int32 [Hkv]: plan.window on streaming heads, 0 (no window) on retrieval heads
+    # Sequence parallelism only: the rows of the layer's indexer weights this rank's heads use (None =
+    # all rows), this rank's fraction of the layer's retrieval query heads (weights its indexer-KL
+    # mean so the SP group's shares add up), and whether the layer has an indexer at all.
+    indexer_q_rows: torch.Tensor | None = None
+    indexer_k_rows: torch.Tensor | None = None
+    kl_share: float = 1.0
+    has_indexer: bool | None = None
 
 
 @dataclass
@@ -38,6 +49,15 @@ class SparseRuntime:
     ssa_seed: int = 0
     chosen: str = "sparse"  # the path that feeds o_proj in mode "both", drawn per step
     records: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    # Set by parallel.ulysses.enable_sequence_parallel: the SP group, this rank, the model's rotary
+    # embedding (cos/sin for the gathered sequence). None = no sequence parallelism.
+    sequence_parallel: "object" = None
+
+    @property
+    def head_share(self) -> float:
+        """This rank's fraction of each layer's attention heads (1/SP): per-head means recorded by the
+        layers (SSA alignment) are weighted by it, so the SP group's records add up to the whole mean."""
+        return 1.0 / self.sequence_parallel.size if self.sequence_parallel is not None else 1.0
 
     def __post_init__(self):
         self.set_mode(self.mode)
@@ -88,7 +108,9 @@ class SparseRuntime:
         self.records.setdefault(name, {})[layer_idx] = value
 
     def mean_of(self, name: str) -> torch.Tensor | None:
-        """Mean over layers of a recorded scalar (a tensor that keeps its graph), or None if none."""
+        """Mean over layers of a recorded scalar (a tensor that keeps its graph), or None if none.
+        Under sequence parallelism each record is this rank's share, and every rank records every layer
+        that has the loss, so the sum over the SP group of `mean_of` is the whole model's mean."""
         values = list(self.records.get(name, {}).values())
         return torch.stack([v.float() for v in values]).mean() if values else None
 

@@ -45,6 +45,8 @@ def dry_run(recipe) -> None:
     print(f"world size {world}: data parallel {world // sp} x sequence parallel {sp}; ZeRO stage {zero}"
           f"{' with CPU offload' if offload else ''}")
     config = model_config_only(recipe.model)
+    from ..parallel import validate_sequence_parallel
+    validate_sequence_parallel(recipe, config, world)  # head counts vs SP: the same check a launch makes
     for stage in recipe.stages:
         if stage.type not in ("indexer_warmup", "sparse_train"):
             continue

@@ -61,6 +61,21 @@ class Recipe(Strict):
             raise ValueError("sparsity.plan is given, so drop the calibrate stage (or drop sparsity.plan)")
         return self
 
+    @model_validator(mode="after")
+    def _sequence_parallel(self):
+        # The head-count rules need the model config: rtpurbo_train/parallel/validate.py.
+        sp = self.parallel.sequence_parallel_size
+        training = [(i, s) for i, s in enumerate(self.stages) if s.type in ("indexer_warmup", "sparse_train")]
+        for i, stage in training:
+            if stage.seq_len % sp:
+                raise ValueError(f"stage {i}-{stage.type}: seq_len {stage.seq_len} is not divisible by "
+                                 f"parallel.sequence_parallel_size {sp} (each SP rank holds seq_len / SP tokens)")
+        micro = sorted({s.micro_batch_size for _, s in training})
+        if sp > 1 and len(micro) > 1:
+            raise ValueError(f"with parallel.sequence_parallel_size {sp} every training stage needs the same "
+                             f"micro_batch_size (Ulysses fixes it), got {micro}")
+        return self
+
     def stage_names(self) -> list[str]:
         """Unique, stable names: `1-indexer_warmup`, `2-sparse_train`, ..."""
         return [f"{i}-{s.type}" for i, s in enumerate(self.stages)]

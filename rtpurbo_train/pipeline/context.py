@@ -10,6 +10,10 @@ from .. import distributed as dist
 from ..attention import attach_sparsity
 from ..errors import UserError
 from ..models import load_model
+from ..parallel import apply_kv_head_permutation, balanced_kv_head_permutation, validate_sequence_parallel
+from ..parallel.head_balance import retrieval_per_rank
+from ..parallel.sp_loader import SequenceParallelLoader, shard_eval_batches
+from ..parallel.ulysses import enable_sequence_parallel, route_dense_teacher
 from ..plan import HeadLayout, SparsityPlan
 from ..trainer import checkpoint as ckpt
 from ..trainer.monitor import Monitor
@@ -28,28 +32,39 @@ class RunContext:
     tokenizer: object = None
     plan: SparsityPlan | None = None
     runtime: object = None
+    sp: object = None  # parallel.ulysses.SequenceParallel once a plan is attached with SP > 1
     extra: dict = field(default_factory=dict)
 
     @property
+    def sp_size(self) -> int:
+        return self.recipe.parallel.sequence_parallel_size
+
+    @property
     def dp_world(self) -> int:
-        return dist.world_size() // self.recipe.parallel.sequence_parallel_size
+        """Data-parallel groups (world / SP): what DeepSpeed's batch size counts."""
+        return dist.world_size() // self.sp_size
 
     @property
     def dp_rank(self) -> int:
-        return dist.rank() // self.recipe.parallel.sequence_parallel_size
+        return dist.rank() // self.sp_size
 
     # ---- model -----------------------------------------------------------------------------------
     def ensure_model(self) -> None:
         if self.model is None:
+            if self.sp_size > 1:  # before any weight is loaded
+                from ..cli.dry_run import model_config_only
+                validate_sequence_parallel(self.recipe, model_config_only(self.recipe.model), dist.world_size())
             self.monitor.info(f"loading model {self.recipe.model.name_or_path}")
             self.model, self.tokenizer = load_model(self.recipe.model, device=self.device)
 
     def load_teacher(self):
-        """A frozen dense copy of the original model (memory: one more copy of the weights)."""
+        """A frozen dense copy of the original model (memory: one more copy of the weights). Under SP it
+        runs on the same token shards, so its attention goes through Ulysses too."""
         teacher, _ = load_model(self.recipe.model, device=self.device)
         if self.device.type == "cuda":
             teacher = teacher.to(torch.bfloat16)
         teacher.eval().requires_grad_(False)
+        route_dense_teacher(teacher, self.plan, self.sp, self.recipe.sparsity.backend)
         return teacher
 
     def plan_settings(self) -> dict:
@@ -65,11 +80,37 @@ class RunContext:
             plan.check_model(self.model.config)
         except ValueError as err:
             raise UserError(str(err)) from None
+        plan = self._balance_heads(plan)
         if dist.is_main():
             plan.save(self.out_dir / "plan.json")
         self.plan = plan
-        self.runtime = attach_sparsity(self.model, plan, backend=self.recipe.sparsity.backend, seed=self.recipe.seed)
+        if plan.kv_head_permutation is not None:
+            from ..attention import attention_modules
+            apply_kv_head_permutation(attention_modules(self.model), plan.kv_head_permutation, plan.model.group,
+                                      plan.model.head_dim)
+        self._attach()
         self.monitor.info(plan.summary())
+
+    def _balance_heads(self, plan: SparsityPlan) -> SparsityPlan:
+        """Under SP, permute KV heads so each rank holds the same number of retrieval heads. A plan that
+        already carries a permutation keeps it: checkpoints and final weights are stored in its order."""
+        if self.sp_size > 1 and plan.kv_head_permutation is None:
+            perm = balanced_kv_head_permutation(plan, self.sp_size)
+            if perm is not None:
+                plan = plan.model_copy(update={"kv_head_permutation": perm})
+        if self.sp_size > 1:
+            counts = retrieval_per_rank(plan, plan.kv_head_permutation, self.sp_size)
+            self.monitor.info(f"sequence parallel {self.sp_size}: retrieval KV heads per SP rank, per layer: {counts}")
+        return plan
+
+    def _attach(self) -> None:
+        """The sparse attention on ctx.model; under SP also the Ulysses set-up, which the training loop
+        switches on (`parallel.ulysses.sequence_parallel_active`)."""
+        self.runtime = attach_sparsity(self.model, self.plan, backend=self.recipe.sparsity.backend,
+                                       seed=self.recipe.seed)
+        if self.sp_size > 1:
+            micro = next(s.micro_batch_size for s in self.recipe.stages if s.type in ("indexer_warmup", "sparse_train"))
+            self.sp = enable_sequence_parallel(self.model, self.sp_size, micro)
 
     def ensure_plan(self) -> None:
         if self.plan is not None:
@@ -90,18 +131,28 @@ class RunContext:
         return HeadLayout.from_config(self.model.config)
 
     # ---- data ------------------------------------------------------------------------------------
+    def _loader_shard(self) -> tuple[int, int]:
+        """(rank, ranks) the loaders shard by: data-parallel groups without SP; under SP every rank
+        reads its own batches and Ulysses' adapter has the SP group work through them in turn."""
+        return (dist.rank(), dist.world_size()) if self.sp is not None else (self.dp_rank, self.dp_world)
+
     def train_loader(self, stage, name: str):
         from ..data import build_train_loader
-        return build_train_loader(self.recipe.data, self.tokenizer, seq_len=stage.seq_len,
-                                  micro_batch_size=stage.micro_batch_size, seed=self.recipe.seed + _stage_index(name),
-                                  dp_rank=self.dp_rank, dp_world=self.dp_world, cache_dir=self.cache_dir(),
-                                  show_progress=dist.is_main())
+        rank, world = self._loader_shard()
+        loader = build_train_loader(self.recipe.data, self.tokenizer, seq_len=stage.seq_len,
+                                    micro_batch_size=stage.micro_batch_size, seed=self.recipe.seed + _stage_index(name),
+                                    dp_rank=rank, dp_world=world, cache_dir=self.cache_dir(),
+                                    show_progress=dist.is_main())
+        return SequenceParallelLoader(loader, self.sp, self.device) if self.sp is not None else loader
 
     def eval_batches(self, stage, name: str) -> list[dict]:
         from .eval_batches import build_eval_batches
+        rank, world = self._loader_shard()
         batches = build_eval_batches(self.recipe.data, self.tokenizer, seq_len=stage.seq_len,
                                      micro_batch_size=stage.micro_batch_size, num_batches=stage.eval_batches,
-                                     dp_rank=self.dp_rank, dp_world=self.dp_world)
+                                     dp_rank=rank, dp_world=world)
+        if self.sp is not None:
+            batches = shard_eval_batches(batches, self.sp, self.device, stage.micro_batch_size)
         return [{k: v.to(self.device) for k, v in b.items()} for b in batches]
 
     def cache_dir(self) -> Path:
@@ -123,8 +174,7 @@ class RunContext:
         if zero3:  # ZeRO-3 left the parameters partitioned: start the next stage from the saved weights
             self.model = None
             self.ensure_model()
-            self.runtime = attach_sparsity(self.model, self.plan, backend=self.recipe.sparsity.backend,
-                                           seed=self.recipe.seed)
+            self._attach()  # weights still in original order: load_final brings the (permuted) ones
             self.load_final(stage_dir)
 
     def load_final(self, stage_dir: Path) -> None:

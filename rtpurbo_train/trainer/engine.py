@@ -33,7 +33,9 @@ def stage_ds_config(base: dict, stage, *, device: torch.device, dp_world: int) -
     cfg["train_batch_size"] = stage.micro_batch_size * stage.grad_accum * dp_world
     cfg["gradient_clipping"] = stage.grad_clip
     cfg["optimizer"] = {"type": "AdamW", "params": {"lr": stage.lr, "betas": list(stage.betas), "eps": 1e-8,
-                                                    "weight_decay": stage.weight_decay}}
+                                                    "weight_decay": stage.weight_decay,
+                                                    # torch's AdamW: no JIT-compiled CUDA op to build
+                                                    "torch_adam": True}}
     on_gpu = device.type == "cuda"
     cfg["bf16"] = {"enabled": on_gpu and torch.cuda.is_bf16_supported()}
     cfg.pop("fp16", None)

@@ -2,10 +2,6 @@
 Triton kernels (run by the Triton interpreter on CPU) against the reference, outputs and gradients."""
 import itertools
 import math
-import os
-
-# The interpreter must be chosen before any @triton.jit runs; the kernels are imported lazily below.
-os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
@@ -15,25 +11,6 @@ from rtpurbo_kernels.block_sparse_attn import (block_index_from_mask, block_spar
                                                block_sparse_attention_reference, check_block_index_values,
                                                streaming_block_mask)
 from rtpurbo_kernels.block_sparse_attn.naive import selected_block_mask
-
-
-def _allow_numpy24_in_interpreter():
-    # Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with
-    # int(array), which NumPy >= 2.4 rejects; our loops run over counts read from block_cnt.
-    import triton.runtime.interpreter as interpreter
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "accepts_numpy24", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor.accepts_numpy24 = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-_allow_numpy24_in_interpreter()
 
 
 @pytest.fixture(autouse=True)

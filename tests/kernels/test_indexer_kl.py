@@ -1,40 +1,15 @@
 """indexer_kl_loss: Triton (CPU interpreter) vs the PyTorch reference, both vs a dense float64
 computation, with NaN-poisoned kernel buffers and gradients checked to reach only qi and ki."""
 import itertools
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
-import numpy as np
 import pytest
 import torch
 
-import triton.runtime.interpreter as triton_interpreter
 
-
-def _fix_interpreter_scalar_index():
-    # Triton 3.6's interpreter turns a 1-element array into a loop bound with int(array), which
-    # NumPy >= 2.4 refuses; runtime loop bounds (range(0, qb + 1)) then fail on CPU only.
-    try:
-        int(np.zeros(1))
-        return
-    except TypeError:
-        pass
-    original = triton_interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    triton_interpreter._patch_lang_tensor = patched
-
-
-_fix_interpreter_scalar_index()
-
-from rtpurbo_kernels.indexer_kl import indexer_kl_loss  # noqa: E402
-from rtpurbo_kernels.indexer_kl import kl_triton  # noqa: E402
-from rtpurbo_kernels.indexer_select import indexer_block_select  # noqa: E402
-from rtpurbo_kernels.indexer_select import naive as select_naive  # noqa: E402
+from rtpurbo_kernels.indexer_kl import indexer_kl_loss
+from rtpurbo_kernels.indexer_kl import kl_triton
+from rtpurbo_kernels.indexer_select import indexer_block_select
+from rtpurbo_kernels.indexer_select import naive as select_naive
 
 
 @pytest.fixture

@@ -1,43 +1,18 @@
 """indexer_block_select: Triton (CPU interpreter) vs the PyTorch reference, and both vs a float64
 brute force that enumerates block subsets."""
 import itertools
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
-import numpy as np
 import pytest
 import torch
 
-import triton.runtime.interpreter as triton_interpreter
 
-
-def _fix_interpreter_scalar_index():
-    # Triton 3.6's interpreter turns a 1-element array into a loop bound with int(array), which
-    # NumPy >= 2.4 refuses; runtime loop bounds (range(0, qb + 1)) then fail on CPU only.
-    try:
-        int(np.zeros(1))
-        return
-    except TypeError:
-        pass
-    original = triton_interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    triton_interpreter._patch_lang_tensor = patched
-
-
-_fix_interpreter_scalar_index()
-
-from rtpurbo_kernels.indexer_select import (  # noqa: E402
+from rtpurbo_kernels.indexer_select import (
     block_mass_reference,
     indexer_block_select,
     mask_from_block_index,
 )
-from rtpurbo_kernels.indexer_select import naive as select_naive  # noqa: E402
-from rtpurbo_kernels.indexer_select.block_mass_triton import block_mass_triton  # noqa: E402
+from rtpurbo_kernels.indexer_select import naive as select_naive
+from rtpurbo_kernels.indexer_select.block_mass_triton import block_mass_triton
 
 
 def random_indexer(B, T, Hkv, G, d, dtype=torch.float32, seed=0, spread=2.0):
