@@ -1,6 +1,7 @@
 """Launch the real command lines the README documents, in a subprocess."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,15 @@ def env(**extra):
     return e
 
 
-def deepspeed_cmd(num_procs, *args, port):
-    return ["deepspeed", "--num_gpus", str(num_procs), "--master_port", str(port), str(REPO / "launch" / "train.py"), *args]
+def free_port() -> int:
+    """A TCP port nothing listens on now (each launch gets its own rendezvous port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_cmd(num_procs, *args, script=REPO / "launch" / "train.py"):
+    return ["deepspeed", "--num_gpus", str(num_procs), "--master_port", str(free_port()), str(script), *args]
 
 
 def python_cmd(*args):

@@ -12,12 +12,12 @@ import torch
 from rtpurbo_train.config import load_recipe
 from rtpurbo_train.errors import UserError
 
-from .helpers import REPO, TINY, deepspeed_cmd, env, losses_by_step, run
+from .helpers import REPO, TINY, deepspeed_cmd, env, free_port, losses_by_step, run
 
 
 def test_sigusr1_saves_at_the_next_step_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "run"
-    cmd = deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out), port=29651)
+    cmd = deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out))
     launcher = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     try:
@@ -38,7 +38,7 @@ def test_sigusr1_saves_at_the_next_step_and_the_same_command_resumes(tmp_path):
     stopped_at = int((out / "checkpoints" / "2-sparse_train" / "latest").read_text().split("_")[1])
     assert 1 <= stopped_at < 6 and not (out / "DONE").exists()
 
-    resumed = run(cmd, timeout=900)
+    resumed = run(deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out)), timeout=900)
     assert f"resumed from checkpoint step {stopped_at}" in resumed.stdout
     assert (out / "DONE").exists()
     assert sorted(losses_by_step(out, "2-sparse_train")) == [1, 2, 3, 4, 5, 6]
@@ -47,7 +47,7 @@ def test_sigusr1_saves_at_the_next_step_and_the_same_command_resumes(tmp_path):
 @pytest.fixture
 def in_process(monkeypatch, tmp_path):
     """Run the pipeline in this process (one rank) so faults can be injected."""
-    monkeypatch.setenv("MASTER_PORT", "29661")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.chdir(REPO)
     from rtpurbo_train.pipeline import run_recipe
     return run_recipe

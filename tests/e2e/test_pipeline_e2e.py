@@ -12,7 +12,7 @@ from .helpers import REPO, TINY, deepspeed_cmd, env, losses_by_step, metrics, ru
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "run"
-    proc = run(deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out), port=29631), timeout=900)
+    proc = run(deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out)), timeout=900)
     return out, proc
 
 
@@ -42,7 +42,7 @@ def test_two_rank_run_writes_the_output_contract(full_run):
 def test_kill_and_resume_continues_the_same_run(full_run, tmp_path):
     reference, _ = full_run
     out = tmp_path / "run"
-    cmd = deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out), port=29641)
+    cmd = deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
@@ -60,7 +60,7 @@ def test_kill_and_resume_continues_the_same_run(full_run, tmp_path):
         proc.wait()
     assert not (out / "report.md").exists()
 
-    resumed = run(cmd, timeout=900)
+    resumed = run(deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out)), timeout=900)
     assert "resumed from checkpoint step" in resumed.stdout
     assert "1-indexer_warmup: already complete" in resumed.stdout
     expected = losses_by_step(reference, "2-sparse_train")

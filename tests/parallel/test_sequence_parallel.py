@@ -11,8 +11,7 @@ REL_TOL = 1e-4
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp") / "parity.json"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29661", str(REPO / "tests" / "parallel" / "sp_parity_worker.py"),
-           "--out", str(out)]
+    cmd = deepspeed_cmd(2, "--out", str(out), script=REPO / "tests" / "parallel" / "sp_parity_worker.py")
     run(cmd, timeout=600)
     return json.loads(out.read_text())
 
@@ -38,7 +37,7 @@ def test_two_rank_pipeline_runs_with_sequence_parallel_2(tmp_path):
     tiny recipe: every stage (calibrate, warm-up, sparse `both` training with all losses, export, evaluate)."""
     out = tmp_path / "run"
     proc = run(deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out), "--set",
-                             "parallel.sequence_parallel_size=2", port=29671), timeout=900)
+                             "parallel.sequence_parallel_size=2"), timeout=900)
     assert (out / "DONE").is_file() and (out / "export" / "config.json").is_file()
     assert "sequence parallel 2: retrieval KV heads per SP rank" in proc.stdout
     rows = [m for m in metrics(out) if m["stage"] == "2-sparse_train" and "train/loss" in m]
