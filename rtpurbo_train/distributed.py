@@ -28,6 +28,10 @@ def init(timeout_minutes: int = 30) -> torch.device:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         return device
+    if "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks of one host share its cores; more threads than cores makes every rank slower
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
     return torch.device("cpu")
 
 

@@ -71,7 +71,7 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
         k_ret = key[:, layer.retrieval_kv].detach()
         q_pre = undo_rope(q_ret, cos, sin).transpose(1, 2)
         k_pre = undo_rope(k_ret, cos, sin).transpose(1, 2)
-        qi, ki = _project_indexer(module.indexer, q_pre, k_pre, layer)
+        qi, ki = module.indexer(q_pre, k_pre, layer.indexer_q_rows, layer.indexer_k_rows)
         if need_sparse:
             selection = rtpurbo_kernels.indexer_block_select(
                 qi.detach(), ki.detach(), top_p=plan.top_p, top_k=plan.top_k, block_size=bs,
@@ -115,17 +115,6 @@ def _rope_for(module, runtime, query, kwargs):
         raise RuntimeError(f"the layer's rotary embedding covers {cos.shape[-2]} positions but the attention "
                            f"sees {query.shape[2]}; sequence parallelism needs position_ids in the forward")
     return sp.rotary(query, kwargs["position_ids"])
-
-
-def _project_indexer(indexer, q_pre, k_pre, layer: LayerSparsity):
-    """Indexer projections of the heads this rank holds: all rows, or (sequence parallelism) the rows
-    of the rank's retrieval heads. q_pre [B, T, Hq_r', D], k_pre [B, T, Hkv_r', D]."""
-    if layer.indexer_q_rows is None:
-        return indexer(q_pre, k_pre)
-    wq = indexer.wq.weight.index_select(0, layer.indexer_q_rows.to(q_pre.device))
-    wk = indexer.wk.weight.index_select(0, layer.indexer_k_rows.to(k_pre.device))
-    return (torch.einsum("bthD,hdD->bthd", q_pre, wq.to(q_pre.dtype)),
-            torch.einsum("bthD,hdD->bthd", k_pre, wk.to(k_pre.dtype)))
 
 
 def _indexer_zero(indexer) -> torch.Tensor:

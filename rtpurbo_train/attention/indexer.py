@@ -17,8 +17,10 @@ class HeadwiseProjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_heads, out_dim, in_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bthD,hdD->bthd", x, self.weight.to(x.dtype))
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows`: use only these heads' matrices (x then holds just those heads)."""
+        weight = self.weight if rows is None else self.weight.index_select(0, rows.to(self.weight.device))
+        return torch.einsum("bthD,hdD->bthd", x, weight.to(x.dtype))
 
 
 class Indexer(nn.Module):
@@ -47,6 +49,7 @@ class Indexer(nn.Module):
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.dim)
 
-    def forward(self, q_pre: torch.Tensor, k_pre: torch.Tensor):
-        """q_pre [B, T, Hq_r, D], k_pre [B, T, Hkv_r, D] -> (qi [B, T, Hq_r, d], ki [B, T, Hkv_r, d])."""
-        return self.wq(q_pre), self.wk(k_pre)
+    def forward(self, q_pre: torch.Tensor, k_pre: torch.Tensor, q_rows=None, k_rows=None):
+        """q_pre [B, T, Hq_r, D], k_pre [B, T, Hkv_r, D] -> (qi [B, T, Hq_r, d], ki [B, T, Hkv_r, d]).
+        `q_rows`/`k_rows`: the subset of heads given (a sequence-parallel rank's slice)."""
+        return self.wq(q_pre, q_rows), self.wk(k_pre, k_rows)

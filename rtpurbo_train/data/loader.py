@@ -11,8 +11,9 @@ So within a pass over a source no two ranks ever get the same sequence, and the 
 see exactly what one rank with micro batch `B*W` would see. The whole position is
 `(global draws, draws per source)`, which is the state saved in checkpoints.
 
-With sequence parallelism, every rank of one SP group must get the same batch: pass the SP group's
-index as `dp_rank` and the number of groups as `dp_world`.
+With sequence parallelism the trainer shards by global rank and wraps the loader in DeepSpeed's
+`UlyssesSPDataLoaderAdapter`, which has each SP group work through its ranks' batches in turn
+(rtpurbo_train/parallel/sp_loader.py).
 """
 from __future__ import annotations
 
