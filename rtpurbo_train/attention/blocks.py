@@ -1,4 +1,6 @@
 """Block index lists in the layout of docs/INTERFACES.md (int32, sorted ascending, -1 padded)."""
+import functools
+
 import torch
 
 
@@ -18,10 +20,12 @@ def _pack_sorted(cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx.to(torch.int32).contiguous(), cnt.to(torch.int32)
 
 
+@functools.lru_cache(maxsize=16)
 def streaming_blocks(seq_len: int, block_size: int, window: int, sink_tokens: int, device=None):
     """Blocks a sink+window head needs: the sink blocks and the blocks the window of any query of the
     query block touches. Returns (idx [NQB, MAXB], cnt [NQB]); the window edge is cut token-exactly
-    by the kernel (`kv_window`)."""
+    by the kernel (`kv_window`). Cached: every layer of a forward asks for the same lists (callers
+    must not modify them)."""
     nqb = -(-seq_len // block_size)
     qb = torch.arange(nqb, device=device)
     n_sink = -(-sink_tokens // block_size)

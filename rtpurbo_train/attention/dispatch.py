@@ -39,7 +39,7 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
     Under sequence parallelism this is Ulysses' core attention: T is the whole gathered sequence and
     the heads are this rank's slice (`runtime.layers` then holds the rank's local constants)."""
     runtime: SparseRuntime = module.rtpurbo_runtime
-    layer: LayerSparsity = runtime.layers[module.layer_idx]
+    layer: LayerSparsity = runtime.layer_on(module.layer_idx, query.device)
     if query.shape[2] != key.shape[2]:
         raise RuntimeError("the training-time sparse model runs whole sequences without a KV cache; "
                            "use the exported model (modeling_rtpurbo.py) for cached decoding")
@@ -90,7 +90,7 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
 
     stream = streaming_blocks(T, bs, plan.window, plan.sink_tokens, device=query.device)
     idx, cnt = merge_head_blocks(stream, selection, layer.retrieval_kv, B, Hkv)
-    kv_window = layer.kv_window.to(query.device)
+    kv_window = layer.kv_window
     out_sparse = None
     if runtime.mode in ("sparse", "both"):
         out_sparse, _ = rtpurbo_kernels.block_sparse_attention(

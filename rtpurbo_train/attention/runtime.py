@@ -6,6 +6,7 @@ layer recomputed under activation checkpointing overwrites its entry instead of 
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class SparseRuntime:
     ssa_seed: int = 0
     chosen: str = "sparse"  # the path that feeds o_proj in mode "both", drawn per step
     records: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    # device copies of the per-layer index tensors, so a forward never copies them host -> device
+    _on_device: dict = field(default_factory=dict, repr=False)
     # Set by parallel.ulysses.enable_sequence_parallel: the SP group, this rank, the model's rotary
     # embedding (cos/sin for the gathered sequence). None = no sequence parallelism.
     sequence_parallel: "object" = None
@@ -61,6 +64,18 @@ class SparseRuntime:
 
     def __post_init__(self):
         self.set_mode(self.mode)
+
+    def layer_on(self, layer_idx: int, device) -> LayerSparsity:
+        """`layers[layer_idx]` with its tensors on `device` (made once per layer object and device)."""
+        layer = self.layers[layer_idx]
+        key = (layer_idx, str(device))
+        cached = self._on_device.get(key)
+        if cached is None or cached[0] is not layer:
+            moved = dataclasses.replace(layer, **{f.name: getattr(layer, f.name).to(device)
+                                                  for f in dataclasses.fields(layer)
+                                                  if isinstance(getattr(layer, f.name), torch.Tensor)})
+            cached = self._on_device[key] = (layer, moved)
+        return cached[1]
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
