@@ -2,9 +2,11 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
+import torch
 
 from .helpers import REPO, TINY, deepspeed_cmd, env, losses_by_step, metrics, run
 
@@ -69,3 +71,28 @@ def test_kill_and_resume_continues_the_same_run(full_run, tmp_path):
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
     assert (out / "report.md").exists()
+
+
+def test_export_command_reproduces_the_export_stage(full_run, tmp_path):
+    """`launch/export.py --run DIR` rebuilds the model from the run's recipe, plan and final weights:
+    its folder must hold exactly the tensors the pipeline's export stage wrote (both float32)."""
+    from safetensors.torch import load_file
+
+    out, _ = full_run
+    folder = tmp_path / "exported"
+    run([sys.executable, str(REPO / "launch" / "export.py"), "--run", str(out), "--out", str(folder),
+         "--dtype", "float32"])
+    for name in ("model.safetensors", "rtpurbo_indexer.safetensors"):
+        ours, stage = load_file(str(folder / name)), load_file(str(out / "export" / name))
+        assert ours.keys() == stage.keys()
+        for key in stage:
+            assert torch.equal(ours[key], stage[key]), key
+
+
+def test_evaluate_command_rewrites_the_report(full_run):
+    out, _ = full_run
+    before = (out / "report.md").stat().st_mtime
+    run([sys.executable, str(REPO / "launch" / "evaluate.py"), "--run", str(out), "--lengths", "256",
+         "--depths", "0.3", "--samples-per-cell", "1", "--backend", "reference"])
+    assert (out / "report.md").stat().st_mtime > before
+    assert "Context lengths [256], depths [0.3]" in (out / "report.md").read_text()
