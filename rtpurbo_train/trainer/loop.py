@@ -70,6 +70,8 @@ def train_stage(ctx, stage, name: str, global_offset: int) -> None:
                 sums["loss"] += loss.item()
                 for key, value in parts.items():
                     sums[f"loss_{key}"] += value.item()
+                if runtime.measure:
+                    sums.update(_per_layer_losses(runtime, sums))
                 tokens += int((shifted_targets(batch) != -100).sum())
             step += 1
             monitor.advance()
@@ -95,6 +97,17 @@ def train_stage(ctx, stage, name: str, global_offset: int) -> None:
                     evaluate_losses(engine, teacher, runtime, eval_batches, stage, dp_world=ctx.dp_world))
         monitor.end_stage()
     ctx.finish_stage_model(engine, stage, stage_dir)
+
+
+def _per_layer_losses(runtime, sums) -> dict[str, float]:
+    """Running sums of each layer's indexer KL and SSA alignment term (`indexer_kl/layer3`); they are
+    loss shares like the totals, so they reduce the same way."""
+    out = {}
+    for name in ("indexer_kl", "ssa_align"):
+        for layer, value in runtime.records.get(name, {}).items():
+            key = f"{name}/layer{layer}"
+            out[key] = sums.get(key, 0.0) + float(value.detach())
+    return out
 
 
 def _step_metrics(ctx, engine, sums, grad_accum, tokens, seconds, measured) -> dict[str, float]:

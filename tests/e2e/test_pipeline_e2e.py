@@ -1,4 +1,5 @@
 """End to end through the deepspeed launcher on CPU: 2 gloo ranks, ZeRO-2, tiny random GQA Llama."""
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,16 @@ def test_two_rank_run_writes_the_output_contract(full_run):
                 "train/loss_indexer_kl", "train/loss_lm", "sparsity/mean", "recall/mean"):
         assert key in sparse[-1], key
     assert "train/loss_indexer_kl" in warm[0] and "sparsity/mean" in warm[0]
+    # per layer: sparsity, recall, indexer KL (layers with retrieval heads), SSA alignment (every layer)
+    plan_layers = json.loads((out / "plan.json").read_text())["layers"]
+    with_retrieval = [i for i, layer in enumerate(plan_layers) if layer["retrieval_kv_heads"]]
+    assert with_retrieval
+    for i in range(len(plan_layers)):
+        assert f"sparsity/layer{i}" in sparse[-1] and f"recall/layer{i}" in sparse[-1]
+        assert f"train/ssa_align/layer{i}" in sparse[-1]
+        assert (f"train/indexer_kl/layer{i}" in sparse[-1]) == (i in with_retrieval)
+    kl_layers = [sparse[-1][f"train/indexer_kl/layer{i}"] for i in with_retrieval]
+    assert sum(kl_layers) / len(kl_layers) == pytest.approx(sparse[-1]["train/loss_indexer_kl"], rel=1e-4)
     # the indexer learns during warm-up
     assert warm[-1]["train/loss_indexer_kl"] < warm[0]["train/loss_indexer_kl"]
     # global steps continue across stages for TensorBoard
