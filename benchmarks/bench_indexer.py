@@ -37,7 +37,7 @@ def load_kernels():
 rk = load_kernels()
 from rtpurbo_kernels.indexer_select import block_mass_reference  # noqa: E402
 from rtpurbo_kernels.indexer_select.block_mass_triton import block_mass_triton  # noqa: E402
-from rtpurbo_kernels.indexer_select.select import block_index_from_mask  # noqa: E402
+from rtpurbo_kernels.layout import block_index_from_mask  # noqa: E402
 from rtpurbo_kernels.indexer_select import block_mass_triton as mass_module  # noqa: E402
 from rtpurbo_kernels.indexer_kl import kl_triton as kl_module  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Conversions into the block index layout (int32 [B, Hkv, NQB, MAXB], sorted, -1 padded + counts).
 
-`block_index_from_mask` turns a dense block mask into the layout (all torch ops, runs on the
-mask's device); `streaming_block_mask` gives the blocks a sink + sliding-window head needs.
+`block_index_from_mask` (kernels/layout.py) turns a dense block mask into the layout;
+`streaming_block_mask` gives the blocks a sink + sliding-window head needs.
 """
 from __future__ import annotations
 
@@ -9,24 +9,7 @@ import math
 
 import torch
 
-
-def block_index_from_mask(block_mask: torch.Tensor, min_width: int = 1):
-    """bool [..., NQB, NKB] -> (block_idx int32 [..., NQB, MAXB], block_cnt int32 [..., NQB]).
-
-    MAXB = max(min_width, largest count). Selected blocks come out ascending, padding is -1.
-    """
-    num_kv_blocks = block_mask.shape[-1]
-    cnt = block_mask.sum(dim=-1)
-    width = max(min_width, int(cnt.max()) if cnt.numel() else 0)
-    ids = torch.arange(num_kv_blocks, device=block_mask.device).expand_as(block_mask)
-    # Unselected blocks sort after every selected one, then become -1.
-    keyed = torch.where(block_mask, ids, num_kv_blocks)
-    ordered = keyed.sort(dim=-1).values[..., :width]
-    if ordered.shape[-1] < width:
-        pad = torch.full((*ordered.shape[:-1], width - ordered.shape[-1]), num_kv_blocks, device=block_mask.device)
-        ordered = torch.cat([ordered, pad], dim=-1)
-    block_idx = torch.where(ordered == num_kv_blocks, -1, ordered).to(torch.int32)
-    return block_idx.contiguous(), cnt.to(torch.int32)
+from ..layout import block_index_from_mask  # noqa: F401 (re-exported)
 
 
 def streaming_block_mask(seq_len: int, window: int, sink_tokens: int, block_size: int = 64,

@@ -17,21 +17,11 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..layout import mask_from_block_index
+
 # About 128 MB of float32 scores per chunk; the mask, probabilities and their gradients add a few
 # times that, which a CPU training step can afford at 8K tokens.
 _SCORE_ELEMENTS_PER_CHUNK = 1 << 25
-
-
-def selected_block_mask(block_idx: torch.Tensor, block_cnt: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
-    """Dense bool [B, Hkv, NQB, num_kv_blocks]: True where the key block is among the first
-    `block_cnt` entries of `block_idx` [B, Hkv, NQB, MAXB] (int32, -1 padded)."""
-    maxb = block_idx.shape[-1]
-    in_count = torch.arange(maxb, device=block_idx.device) < block_cnt[..., None].long()
-    # Entries past the count go to an extra column that is dropped, so padding cannot clear a real hit.
-    target = torch.where(in_count, block_idx.long(), num_kv_blocks).clamp(0, num_kv_blocks)
-    mask = torch.zeros(*block_idx.shape[:-1], num_kv_blocks + 1, dtype=torch.bool, device=block_idx.device)
-    mask.scatter_(-1, target, True)
-    return mask[..., :num_kv_blocks]
 
 
 def visibility_mask(block_mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -117,7 +107,7 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     if chunk_rows % block_size:
         raise ValueError(f"chunk_rows={chunk_rows} must be a multiple of block_size={block_size}")
 
-    block_mask = selected_block_mask(block_idx, block_cnt, num_blocks)
+    block_mask = mask_from_block_index(block_idx, block_cnt, num_blocks)
     k_heads = k.permute(0, 2, 1, 3)                                            # [B, Hkv, T, D]
     v_heads = v.permute(0, 2, 1, 3)
     q_heads = q.view(batch, seq_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [B,Hkv,G,T,D]

@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..indexer_select.naive import rows_per_chunk
-from ..indexer_select.select import mask_from_block_index
+from ..layout import mask_from_block_index
 
 
 def token_visibility(rows, cols, block_mask, block_size):

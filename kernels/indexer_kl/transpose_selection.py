@@ -1,7 +1,7 @@
 """Selection lists seen from the key side, for the dki backward of the sparse KL."""
 import torch
 
-from ..indexer_select.select import block_index_from_mask, mask_from_block_index
+from ..layout import block_index_from_mask, mask_from_block_index
 
 
 def query_blocks_per_key_block(block_idx, block_cnt, num_blocks):

@@ -5,6 +5,8 @@ works on the small [B, Hkv, NQB, NQB] mass tensor with sort + cumsum, on the ten
 """
 import torch
 
+from ..layout import block_index_from_mask, mask_from_block_index  # noqa: F401 (re-exported)
+
 
 def select_blocks_from_mass(mass, *, top_p=0.9, top_k=None, sink_blocks=1, local_blocks=2):
     """mass float32 [B, H, NQB, NQB] (entries kb > qb are ignored, whatever they hold) ->
@@ -42,27 +44,3 @@ def select_blocks_from_mass(mass, *, top_p=0.9, top_k=None, sink_blocks=1, local
     return block_index_from_mask(selected)
 
 
-def block_index_from_mask(mask):
-    """mask bool [..., N] -> (idx int32 [..., MAXB] ascending, -1 padded; cnt int32 [...]);
-    MAXB = max count (at least 1)."""
-    n = mask.shape[-1]
-    cnt = mask.sum(-1)
-    maxb = max(1, int(cnt.max().item())) if cnt.numel() else 1
-    pos = torch.arange(n, device=mask.device, dtype=torch.int32)
-    # Unselected positions sort after every selected one (key n), then get the -1 padding.
-    keyed = torch.where(mask, pos, n)
-    idx = torch.sort(keyed, dim=-1).values[..., :maxb]
-    idx = torch.where(idx == n, -1, idx).to(torch.int32)
-    return idx.contiguous(), cnt.to(torch.int32)
-
-
-def mask_from_block_index(block_idx, block_cnt, num_blocks):
-    """(block_idx [..., MAXB], block_cnt [...]) -> bool mask [..., num_blocks]; inverse of
-    `block_index_from_mask`. Entries at or past the count (or -1) are ignored."""
-    maxb = block_idx.shape[-1]
-    valid = torch.arange(maxb, device=block_idx.device) < block_cnt[..., None].long()
-    valid = valid & (block_idx >= 0) & (block_idx < num_blocks)
-    target = torch.where(valid, block_idx.long(), num_blocks)  # dump slot for padding
-    mask = torch.zeros(*block_idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=block_idx.device)
-    mask.scatter_(-1, target, True)
-    return mask[..., :num_blocks]

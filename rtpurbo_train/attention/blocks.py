@@ -3,21 +3,8 @@ import functools
 
 import torch
 
-
-def _pack_sorted(cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cand [..., M] int64 candidate blocks (-1 = none, duplicates allowed) -> (idx int32, cnt int32)."""
-    big = torch.iinfo(torch.int64).max
-    keyed = torch.where(cand < 0, torch.full_like(cand, big), cand)
-    keyed, _ = keyed.sort(dim=-1)
-    dup = torch.zeros_like(keyed, dtype=torch.bool)
-    dup[..., 1:] = keyed[..., 1:] == keyed[..., :-1]
-    keyed = torch.where(dup, torch.full_like(keyed, big), keyed)
-    keyed, _ = keyed.sort(dim=-1)
-    valid = keyed != big
-    cnt = valid.sum(-1)
-    width = max(int(cnt.max()), 1) if cnt.numel() else 1
-    idx = torch.where(valid, keyed, torch.full_like(keyed, -1))[..., :width]
-    return idx.to(torch.int32).contiguous(), cnt.to(torch.int32)
+from rtpurbo_kernels.block_sparse_attn.layout import streaming_block_mask
+from rtpurbo_kernels.layout import block_index_from_mask
 
 
 @functools.lru_cache(maxsize=16)
@@ -26,16 +13,8 @@ def streaming_blocks(seq_len: int, block_size: int, window: int, sink_tokens: in
     query block touches. Returns (idx [NQB, MAXB], cnt [NQB]); the window edge is cut token-exactly
     by the kernel (`kv_window`). Cached: every layer of a forward asks for the same lists (callers
     must not modify them)."""
-    nqb = -(-seq_len // block_size)
-    qb = torch.arange(nqb, device=device)
-    n_sink = -(-sink_tokens // block_size)
-    first = ((qb * block_size - window + 1).clamp(min=0)) // block_size
-    span = (window + block_size - 2) // block_size + 1
-    win = first[:, None] + torch.arange(span + 1, device=device)[None, :]
-    win = torch.where(win <= qb[:, None], win, torch.full_like(win, -1))
-    sink = torch.arange(n_sink, device=device)[None, :].expand(nqb, n_sink)
-    sink = torch.where(sink <= qb[:, None], sink, torch.full_like(sink, -1))
-    return _pack_sorted(torch.cat([sink, win], dim=1))
+    mask = streaming_block_mask(seq_len, window, sink_tokens, block_size, device=device)
+    return block_index_from_mask(mask)
 
 
 def merge_head_blocks(stream: tuple[torch.Tensor, torch.Tensor], retrieval: tuple[torch.Tensor, torch.Tensor] | None,

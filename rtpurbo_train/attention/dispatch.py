@@ -127,7 +127,7 @@ def _record_metrics(runtime, layer, q, k, idx, cnt, kv_window, scaling):
     runtime.record("sparsity", i, block_sparsity(cnt, T, plan.block_size))
     if layer.streaming_kv.numel():
         runtime.record("sparsity_streaming", i, block_sparsity(cnt[:, layer.streaming_kv], T, plan.block_size))
-    recall = attention_recall(q, k, idx, kv_window, plan.sink_tokens, scaling, plan.block_size, runtime.recall_queries)
+    recall = attention_recall(q, k, idx, cnt, kv_window, plan.sink_tokens, scaling, plan.block_size, runtime.recall_queries)
     runtime.record("recall", i, recall.mean())
     if layer.retrieval_kv.numel():
         runtime.record("sparsity_retrieval", i, block_sparsity(cnt[:, layer.retrieval_kv], T, plan.block_size))

@@ -1,6 +1,8 @@
 """Sparsity and attention recall of one layer's sparse selection (measured, never trained on)."""
 import torch
 
+from rtpurbo_kernels.layout import mask_from_block_index
+
 from .blocks import causal_block_count
 
 
@@ -10,10 +12,10 @@ def block_sparsity(cnt: torch.Tensor, seq_len: int, block_size: int) -> torch.Te
     return 1.0 - cnt.sum().double() / max(total, 1)
 
 
-def attention_recall(q, k, idx, kv_window, sink_tokens, scaling, block_size, num_queries):
+def attention_recall(q, k, idx, cnt, kv_window, sink_tokens, scaling, block_size, num_queries):
     """Full-attention mass that falls on the keys the sparse rule keeps, on sampled queries.
 
-    q [B, T, Hq, D], k [B, T, Hkv, D] (RoPE'd), idx [B, Hkv, NQB, MAXB]. Queries are spread evenly
+    q [B, T, Hq, D], k [B, T, Hkv, D] (RoPE'd), idx [B, Hkv, NQB, MAXB], cnt [B, Hkv, NQB]. Queries are spread evenly
     over the second half of the sequence, where long-range retrieval matters. Returns [Hkv] recall
     averaged over the sampled queries, the batch and the query heads of each group.
     """
@@ -27,11 +29,9 @@ def attention_recall(q, k, idx, kv_window, sink_tokens, scaling, block_size, num
     causal = cols[None, :] <= rows[:, None]  # [R, T]
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # [B, Hq, R, T]
 
-    nqb = idx.shape[2]
-    sel = torch.zeros(B, Hkv, rows.numel(), nqb + 1, dtype=torch.bool, device=q.device)
-    row_idx = idx[:, :, rows // block_size].long()  # [B, Hkv, R, MAXB]
-    sel.scatter_(-1, torch.where(row_idx < 0, nqb, row_idx), True)
-    visible = sel[..., :nqb].repeat_interleave(block_size, dim=-1)[..., :T] & causal  # [B, Hkv, R, T]
+    qb = rows // block_size
+    sel = mask_from_block_index(idx[:, :, qb], cnt[:, :, qb], idx.shape[2])  # [B, Hkv, R, NQB]
+    visible = sel.repeat_interleave(block_size, dim=-1)[..., :T] & causal  # [B, Hkv, R, T]
     win = kv_window.to(q.device).long()[None, :, None, None]
     dist = rows[:, None] - cols[None, :]
     in_window = (win <= 0) | (dist[None, None] < win) | (cols < sink_tokens)[None, None, None, :]

@@ -45,12 +45,15 @@ def test_recall_is_one_with_everything_visible_and_matches_brute_force_otherwise
     full = torch.tensor([list(range(qb + 1)) + [-1] * (nqb - qb - 1) for qb in range(nqb)], dtype=torch.int32)
     idx = full.expand(B, Hkv, nqb, nqb).contiguous()
     no_window = torch.zeros(Hkv, dtype=torch.int32)
-    assert torch.allclose(attention_recall(q, k, idx, no_window, 0, 0.25, 64, 8), torch.ones(Hkv))
+    cnt = torch.arange(1, nqb + 1, dtype=torch.int32).expand(B, Hkv, nqb).contiguous()
+    assert torch.allclose(attention_recall(q, k, idx, cnt, no_window, 0, 0.25, 64, 8), torch.ones(Hkv))
 
     window = torch.tensor([50, 0], dtype=torch.int32)
     idx2 = idx.clone()
     idx2[0, 1, 2] = torch.tensor([0, 2, -1], dtype=torch.int32)
-    rec = attention_recall(q, k, idx2, window, 4, 0.25, 64, 8)
+    cnt2 = cnt.clone()
+    cnt2[0, 1, 2] = 2
+    rec = attention_recall(q, k, idx2, cnt2, window, 4, 0.25, 64, 8)
     rows = torch.linspace(T // 2, T - 1, steps=8).long().unique()
     expect = torch.zeros(Hkv)
     for h, g in itertools.product(range(Hkv), range(2)):

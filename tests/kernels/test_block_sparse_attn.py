@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from rtpurbo_kernels.block_sparse_attn import (block_index_from_mask, block_sparse_attention,
                                                block_sparse_attention_reference, check_block_index_values,
                                                streaming_block_mask)
-from rtpurbo_kernels.block_sparse_attn.naive import selected_block_mask
+from rtpurbo_kernels.layout import mask_from_block_index
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +166,7 @@ def test_block_index_from_mask_layout():
     assert block_idx.dtype == torch.int32 and block_cnt.dtype == torch.int32
     assert block_idx.tolist() == [[[0, -1, -1], [0, 1, -1], [1, 2, -1]]]
     assert block_cnt.tolist() == [[1, 2, 2]]
-    assert torch.equal(selected_block_mask(block_idx[None], block_cnt[None], 3)[0], mask)
+    assert torch.equal(mask_from_block_index(block_idx[None], block_cnt[None], 3)[0], mask)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -1,0 +1,37 @@
+"""The block index layout shared by every op (docs/INTERFACES.md): `block_idx` int32 [..., NQB, MAXB]
+sorted ascending, -1 padded, with `block_cnt` int32 [..., NQB]; and its dense-mask equivalent.
+Torch ops on the inputs' device."""
+from __future__ import annotations
+
+import torch
+
+
+def block_index_from_mask(block_mask: torch.Tensor, min_width: int = 1):
+    """bool [..., NKB] -> (block_idx int32 [..., MAXB], block_cnt int32 [...]).
+
+    MAXB = max(min_width, largest count). Selected blocks come out ascending, padding is -1.
+    """
+    num_kv_blocks = block_mask.shape[-1]
+    cnt = block_mask.sum(dim=-1)
+    width = max(min_width, int(cnt.max()) if cnt.numel() else 0)
+    ids = torch.arange(num_kv_blocks, device=block_mask.device).expand_as(block_mask)
+    # Unselected blocks sort after every selected one, then become -1.
+    keyed = torch.where(block_mask, ids, num_kv_blocks)
+    ordered = keyed.sort(dim=-1).values[..., :width]
+    if ordered.shape[-1] < width:
+        pad = torch.full((*ordered.shape[:-1], width - ordered.shape[-1]), num_kv_blocks, device=block_mask.device)
+        ordered = torch.cat([ordered, pad], dim=-1)
+    block_idx = torch.where(ordered == num_kv_blocks, -1, ordered).to(torch.int32)
+    return block_idx.contiguous(), cnt.to(torch.int32)
+
+
+def mask_from_block_index(block_idx: torch.Tensor, block_cnt: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """(block_idx [..., MAXB], block_cnt [...]) -> bool mask [..., num_blocks]; the inverse of
+    `block_index_from_mask`. Entries at or past the count (or -1) are ignored."""
+    maxb = block_idx.shape[-1]
+    valid = torch.arange(maxb, device=block_idx.device) < block_cnt[..., None].long()
+    valid = valid & (block_idx >= 0) & (block_idx < num_blocks)
+    target = torch.where(valid, block_idx.long(), num_blocks)  # dump slot for padding
+    mask = torch.zeros(*block_idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=block_idx.device)
+    mask.scatter_(-1, target, True)
+    return mask[..., :num_blocks]
