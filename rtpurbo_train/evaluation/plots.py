@@ -42,6 +42,16 @@ def accuracy_heatmap_figure(grid: list[list[float]], lengths: list[int], depths:
     return fig
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> Figure:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def sparsity_vs_length_figure(lengths: list[int], series: dict[str, list[float]]) -> Figure:
     """series: label -> one value per length (sparsity in [0, 1]; NaN where not measured)."""
     fig, ax = _figure(5.5, 3.5)
@@ -50,13 +60,8 @@ def sparsity_vs_length_figure(lengths: list[int], series: dict[str, list[float]]
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("fraction of causal key blocks skipped")
-    ax.set_title("attention sparsity vs length")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "context length (tokens)", "fraction of causal key blocks skipped",
+                   "attention sparsity vs length")
 
 
 def recall_per_layer_figure(per_length: dict[int, list[float]]) -> Figure:
@@ -66,13 +71,7 @@ def recall_per_layer_figure(per_length: dict[int, list[float]]) -> Figure:
         ax.plot(range(len(values)), values, marker="o", label=f"{length} tokens")
     ax.set_ylim(0.0, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("attention recall")
-    ax.set_title("attention recall per layer")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "layer", "attention recall", "attention recall per layer")
 
 
 def perplexity_by_position_figure(buckets: list[dict]) -> Figure:
@@ -81,13 +80,7 @@ def perplexity_by_position_figure(buckets: list[dict]) -> Figure:
     fig, ax = _figure(5.5, 3.5)
     ax.plot(centers, [b["dense_ppl"] for b in buckets], marker="o", label="dense")
     ax.plot(centers, [b["sparse_ppl"] for b in buckets], marker="s", label="sparse")
-    ax.set_xlabel("token position")
-    ax.set_ylabel("perplexity")
-    ax.set_title("perplexity by position")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "token position", "perplexity", "perplexity by position")
 
 
 def evaluation_figures(results: dict, plan: Optional[SparsityPlan]) -> dict[str, Figure]:

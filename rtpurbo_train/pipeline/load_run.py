@@ -8,6 +8,7 @@ import yaml
 from .. import distributed as dist
 from ..config import validate_recipe
 from ..errors import UserError
+from ..trainer.checkpoint import load_module_state
 from ..trainer.monitor import Monitor
 from .context import RunContext
 from .state import completed_stages
@@ -52,7 +53,4 @@ def _load_deepspeed_module(model, folder: Path) -> None:
     module = state.get("module")
     if not module:
         raise UserError(f"{files[0]} holds no module weights (ZeRO-3 checkpoints: use the stage's final weights)")
-    missing, unexpected = model.load_state_dict(module, strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"{files[0]} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_module_state(model, module, files[0])

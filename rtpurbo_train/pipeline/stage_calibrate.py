@@ -27,9 +27,8 @@ def run_calibrate(ctx, stage, name: str) -> None:
     haystack = _haystack_ids(ctx, 2 * max(stage.lengths))
     docs = make_echo_documents(haystack, lengths=stage.lengths, docs_per_length=stage.docs_per_length,
                                needle_len=stage.needle_tokens, seed=ctx.recipe.seed, prefix_ids=bos)
-    settings = {k: v for k, v in ctx.plan_settings().items()}
     plan, q_scores = calibrate(ctx.model, docs, fraction=ctx.recipe.sparsity.retrieval_fraction,
-                               plan_settings=settings, progress=dist.is_main())
+                               plan_settings=ctx.plan_settings(), progress=dist.is_main())
     if dist.is_main():
         save_heatmap(q_scores, ctx.out_dir / "calibration_heads.png", plan)
         ctx.monitor.add_figure("calibration/retrieval_scores", retrieval_heatmap_figure(q_scores, plan))

@@ -116,9 +116,13 @@ def final_weights(stage_dir: Path) -> Path | None:
 
 
 def load_final(model, path: Path) -> None:
-    state = load_file(str(path))
+    load_module_state(model, load_file(str(path)), path)
+
+
+def load_module_state(model, state: dict, source) -> None:
+    """Load a whole-module state dict; a UserError naming `source` if it does not fit the model."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights may be saved once under either name
     missing = [m for m in missing if not m.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise UserError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
