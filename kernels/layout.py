@@ -6,14 +6,19 @@ from __future__ import annotations
 import torch
 
 
-def block_index_from_mask(block_mask: torch.Tensor, min_width: int = 1):
+def block_index_from_mask(block_mask: torch.Tensor, min_width: int = 1, width: int | None = None):
     """bool [..., NKB] -> (block_idx int32 [..., MAXB], block_cnt int32 [...]).
 
-    MAXB = max(min_width, largest count). Selected blocks come out ascending, padding is -1.
+    MAXB = max(min_width, largest count), which reads the counts back to the host (a device sync);
+    or `width`, an upper bound of every count the caller knows (no sync). Selected blocks come out
+    ascending, padding is -1.
     """
     num_kv_blocks = block_mask.shape[-1]
     cnt = block_mask.sum(dim=-1)
-    width = max(min_width, int(cnt.max()) if cnt.numel() else 0)
+    if width is None:
+        width = max(min_width, int(cnt.max()) if cnt.numel() else 0)
+    else:
+        width = max(min_width, min(width, num_kv_blocks))
     ids = torch.arange(num_kv_blocks, device=block_mask.device).expand_as(block_mask)
     # Unselected blocks sort after every selected one, then become -1.
     keyed = torch.where(block_mask, ids, num_kv_blocks)

@@ -29,10 +29,12 @@ def merge_head_blocks(stream: tuple[torch.Tensor, torch.Tensor], retrieval: tupl
     cnt = s_cnt.expand(batch, num_kv_heads, nqb).clone()
     if retrieval is not None and retrieval_heads.numel():
         r_idx, r_cnt = retrieval
-        idx[:, retrieval_heads] = -1
-        idx[:, retrieval_heads, :, : r_idx.shape[-1]] = r_idx
-        cnt[:, retrieval_heads] = r_cnt
-    return idx.contiguous(), cnt.contiguous()
+        rows = torch.full((batch, r_idx.shape[1], nqb, width), -1, dtype=torch.int32, device=s_idx.device)
+        rows[..., : r_idx.shape[-1]] = r_idx
+        # index_copy_, not idx[:, heads] = ...: advanced-index assignment waits for the GPU
+        idx.index_copy_(1, retrieval_heads, rows)
+        cnt.index_copy_(1, retrieval_heads, r_cnt.to(cnt.dtype))
+    return idx, cnt
 
 
 def causal_block_count(seq_len: int, block_size: int) -> int:

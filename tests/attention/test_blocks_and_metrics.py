@@ -66,3 +66,11 @@ def test_recall_is_one_with_everything_visible_and_matches_brute_force_otherwise
         expect[h] += total / len(rows) / 2
     torch.testing.assert_close(rec, expect, atol=1e-5, rtol=1e-5)
     assert rec[0] < 0.99 and rec[1] < 0.99
+
+
+def test_merge_queues_without_host_sync(forbid_host_sync):
+    stream = streaming_blocks(256, 64, 64, 4)
+    r_idx = torch.tensor([[[[0, -1, -1], [0, 1, -1], [0, 1, 2], [0, 2, 3]]]], dtype=torch.int32)
+    r_cnt = torch.tensor([[[1, 2, 3, 3]]], dtype=torch.int32)
+    with forbid_host_sync():
+        merge_head_blocks(stream, (r_idx, r_cnt), torch.tensor([1]), batch=1, num_kv_heads=3)

@@ -309,3 +309,14 @@ def test_triton_other_tile_shapes(config):
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
         assert not torch.isnan(a).any(), name
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_reverse_map_queues_without_host_sync(forbid_host_sync):
+    # The backward builds it for every layer; a device sync there stalls the training step.
+    from rtpurbo_kernels.block_sparse_attn.reverse_map import build_reverse_block_map
+    block_idx, block_cnt = random_selection(1, 2, 64 * 5, 0.5, torch.Generator().manual_seed(2), drop_own_block=True)
+    with forbid_host_sync():
+        build_reverse_block_map(block_idx, block_cnt, block_idx.shape[2])
+    with pytest.raises(AssertionError, match="host synchronisation"):  # the guard itself works
+        with forbid_host_sync():
+            block_cnt.max().item()
