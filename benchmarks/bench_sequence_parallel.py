@@ -15,7 +15,8 @@ tiled logits, activation checkpointing, ZeRO-2, bf16, micro batch 1) on random t
 retrieval-head plan balanced over the SP ranks; one warm-up step, then `--steps` timed steps.
 SmolLM2-135M has 9 query / 3 KV heads: Ulysses cannot split it over 2 or 4 ranks (the run records the
 validation error; SP=3 works). `qwen2-1.5b-random` is a randomly initialised Qwen2-1.5B shape
-(28 layers, hidden 1536, 12 query / 2 KV heads, head dim 128, vocab 151936).
+(28 layers, hidden 1536, 12 query / 2 KV heads, head dim 128, vocab 151936); `smollm2-135m-random`
+is SmolLM2-135M's shape with random weights (speed and memory do not depend on the weights).
 CPU smoke test: `python benchmarks/bench_sequence_parallel.py --models tiny-llama --sp 1 2 --start 256
 --max-len 512 --device cpu --steps 1`.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,11 +43,16 @@ def build_model(name: str, device):
 
     from rtpurbo_train.models import ModelConfig, load_model
 
-    if name == "qwen2-1.5b-random":
-        from transformers import AutoModelForCausalLM, Qwen2Config
+    if name in ("qwen2-1.5b-random", "smollm2-135m-random"):
+        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+        from bench_train_step import SMOLLM2_SHAPE
+        config = Qwen2Config(**QWEN2_15B) if name.startswith("qwen2") else LlamaConfig(
+            **{**SMOLLM2_SHAPE, "max_position_embeddings": 1 << 21})
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_15B), dtype=torch.bfloat16)
-        return model.to(device)
+        with torch.device(device):  # initialise on the GPU: a 1.5B CPU init takes a minute
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        return model
     overrides = {"max_position_embeddings": 1 << 21} if name.startswith("tiny-") else {}
     model, _ = load_model(ModelConfig(name_or_path=name, overrides=overrides), device=device)
     return model
@@ -70,7 +77,8 @@ def worker(args) -> None:
     device = dist.init()
     if args.device == "cpu":
         device = torch.device("cpu")
-    result = {"model": args.model, "sp": args.sp_size, "seq_len": args.seq_len, "world": dist.world_size()}
+    result = {"model": args.model, "sp": args.sp_size, "seq_len": args.seq_len, "world": dist.world_size(),
+              "top_k": args.top_k or None, "kl_selected_only": args.kl_selected_only}
     try:
         model = build_model(args.model, device)
         q, kv = head_counts(model.config)
@@ -79,7 +87,8 @@ def worker(args) -> None:
         layout = HeadLayout.from_config(model.config)
         gen = torch.Generator().manual_seed(0)
         scores = torch.rand(layout.num_layers, layout.num_q_heads, generator=gen).tolist()
-        plan = SparsityPlan.from_scores(layout, scores, 0.15, window=args.window, sink_tokens=4, top_p=0.9)
+        plan = SparsityPlan.from_scores(layout, scores, 0.15, window=args.window, sink_tokens=4, top_p=0.9,
+                                        top_k=args.top_k or None)
         perm = balanced_kv_head_permutation(plan, args.sp_size)
         if perm is not None:
             plan = plan.model_copy(update={"kv_head_permutation": perm})
@@ -88,6 +97,7 @@ def worker(args) -> None:
         sp = enable_sequence_parallel(model, args.sp_size, micro_batch_size=1)
         runtime.set_mode("sparse")
         runtime.indexer_kl = True
+        runtime.indexer_kl_selected_only = args.kl_selected_only
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         stage = SimpleNamespace(losses=LossWeights(lm=1.0, indexer_kl=1.0), distill_topk=10, micro_batch_size=1,
@@ -137,13 +147,20 @@ def attempt(model: str, sp: int, seq_len: int, args) -> dict:
     result_file.unlink(missing_ok=True)
     cmd = ["deepspeed", "--num_gpus", str(sp), "--master_port", str(29500 + sp), __file__, "--worker",
            "--model", model, "--sp-size", str(sp), "--seq-len", str(seq_len), "--steps", str(args.steps),
-           "--window", str(args.window), "--device", args.device, "--result", str(result_file)]
+           "--window", str(args.window), "--top-k", str(args.top_k), "--device", args.device, "--result", str(result_file)]
+    if args.kl_selected_only:
+        cmd.append("--kl-selected-only")
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     t0 = time.time()
+    # Own process group: on a timeout the launcher's ranks must die too, or they keep their GPU memory
+    # and the next attempt fails with a bogus OOM.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-        tail = (proc.stdout + proc.stderr)[-2000:]
+        tail = proc.communicate(timeout=args.timeout)[0][-2000:]
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         tail = "timeout"
     result = json.loads(result_file.read_text()) if result_file.is_file() else {
         "model": model, "sp": sp, "seq_len": seq_len, "ok": False,
@@ -187,6 +204,9 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=1 << 20)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--top-k", type=int, default=0, help="retrieval heads keep this many key blocks (0: top-p 0.9)")
+    p.add_argument("--kl-selected-only", action="store_true",
+                   help="indexer KL over the selected blocks only (linear in the length with --top-k)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per attempt")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sequence_parallel_h200.json"))
