@@ -1,13 +1,20 @@
 """Decode speed of the exported sparse model vs the plain (dense) model, on one GPU.
 
     python benchmarks/bench_decode.py --prompt 32768 --new 64 --out decode.md
+    python benchmarks/bench_decode.py --shape smollm2-135m --prompt 8192 --new 64
 
-Builds a random-weight model with Qwen2-1.5B's shape (28 layers, hidden 1536, 12 query / 2 KV heads,
-head dim 128), a plan with the top 15% of KV heads by random scores (window 8192, sink 4, top-p 0.9),
-exports it (bf16), then loads the folder twice: plain (`trust_remote_code=False`, dense attention and
-transformers' DynamicCache) and sparse (`trust_remote_code=True`, streaming heads keep sink + window).
+Builds a random-weight model of the chosen shape: `qwen2-1.5b` (default; 28 layers, hidden 1536, 12 query /
+2 KV heads, head dim 128, window 8192) or `smollm2-135m` (Llama, 30 layers, hidden 576, 9 query / 3 KV heads,
+head dim 64, vocab 49152, rope theta 1e5, tied embeddings, window 1024 as in the rtpurbo_300step recipe);
+--layers/--hidden/... override single fields (e.g. a tiny CPU smoke run: --device cpu --layers 2 --hidden 128
+--intermediate 256 --heads 4 --kv-heads 2 --head-dim 32 --prompt 256 --new 4 --window 64). A plan with the
+top 15% of KV heads by random scores (sink 4, top-p 0.9), exports it (bf16), then loads the folder twice:
+plain (`trust_remote_code=False`, dense attention and transformers' DynamicCache) and sparse
+(`trust_remote_code=True`, streaming heads keep sink + window).
 Decode time per token = (generate(prompt, new) - generate(prompt, 1)) / (new - 1), greedy, CUDA-synced
-wall clock, median of 3. Also the KV-cache bytes after the prompt.
+wall clock, median of 3. Also the KV-cache fraction of the plan, and (CUDA) whether one decode step makes the
+host wait for the device: a step after a warm-up step runs under `torch.cuda.set_sync_debug_mode("error")`,
+with the all-ones attention mask generate() passes.
 """
 from __future__ import annotations
 
@@ -21,8 +28,31 @@ import time
 import torch
 
 
+# Each shape: the config class and its fields (None: the byte tokenizer's vocabulary), window and prompt.
+SHAPES = {
+    "qwen2-1.5b": dict(config="Qwen2Config", hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2,
+                       head_dim=128, vocab=None, rope_theta=None, tied=False, window=8192, prompt=32768),
+    "smollm2-135m": dict(config="LlamaConfig", hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3,
+                         head_dim=64, vocab=49152, rope_theta=100000.0, tied=True, window=1024, prompt=8192),
+}
+LABELS = {"qwen2-1.5b": "Qwen2-1.5B", "smollm2-135m": "SmolLM2-135M"}
+
+
+def model_config(args, tok):
+    import transformers
+
+    shape = SHAPES[args.shape]
+    extra = {} if shape["rope_theta"] is None else {"rope_theta": shape["rope_theta"]}
+    return getattr(transformers, shape["config"])(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+        vocab_size=shape["vocab"] or len(tok), max_position_embeddings=args.prompt + args.new + 64,
+        tie_word_embeddings=shape["tied"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **extra)
+
+
 def build_and_export(folder, args):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
     from rtpurbo_train.attention import attach_sparsity
     from rtpurbo_train.export import export_model
@@ -30,10 +60,7 @@ def build_and_export(folder, args):
     from rtpurbo_train.plan import HeadLayout, SparsityPlan
 
     tok = build_byte_tokenizer(model_max_length=args.prompt + args.new + 8)
-    cfg = Qwen2Config(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-                      vocab_size=len(tok), max_position_embeddings=args.prompt + args.new + 64,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = model_config(args, tok)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     layout = HeadLayout.from_config(model.config)
@@ -52,22 +79,45 @@ def timed_generate(model, ids, new):
     return time.perf_counter() - t0
 
 
+def decode_step_sync(model, ids) -> str:
+    """"none", or the first host<->device synchronisation of one decode step (CUDA's sync debug mode)."""
+    if not ids.is_cuda:
+        return "n/a (cpu)"
+    def ones(length):
+        return torch.ones(1, length, dtype=torch.long, device=ids.device)
+
+    n = ids.shape[1]
+    with torch.no_grad():
+        cache = model(ids, attention_mask=ones(n), use_cache=True, logits_to_keep=1).past_key_values
+        model(ids[:, -1:], attention_mask=ones(n + 1), past_key_values=cache, logits_to_keep=1)  # warm-up step
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(ids[:, -1:], attention_mask=ones(n + 2), past_key_values=cache, logits_to_keep=1)
+            torch.cuda.set_sync_debug_mode("default")
+            return "none"
+        except RuntimeError as err:
+            torch.cuda.set_sync_debug_mode("default")
+            return str(err).strip().splitlines()[0][:80]
+
+
 def main(argv=None):
     from transformers import AutoModelForCausalLM
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--prompt", type=int, default=32768)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-1.5b",
+                   help="model shape (random weights); the options below default to its values")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (qwen2-1.5b 32768, smollm2-135m 8192)")
     p.add_argument("--new", type=int, default=64)
-    p.add_argument("--window", type=int, default=8192)
-    p.add_argument("--layers", type=int, default=28)
-    p.add_argument("--hidden", type=int, default=1536)
-    p.add_argument("--intermediate", type=int, default=8960)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--window", type=int, default=None, help="streaming window (qwen2-1.5b 8192, smollm2-135m 1024)")
+    for name in ("layers", "hidden", "intermediate", "heads", "kv-heads", "head-dim"):
+        p.add_argument(f"--{name}", type=int, default=None, help="override the shape's value")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    for name, value in SHAPES[args.shape].items():
+        if getattr(args, name, 0) is None:
+            setattr(args, name, value)
     if args.device != "cuda":
         torch.cuda.synchronize = lambda: None  # CPU smoke run of the script
 
@@ -82,20 +132,23 @@ def main(argv=None):
                 one = statistics.median(timed_generate(model, ids, 1) for _ in range(3))
                 many = statistics.median(timed_generate(model, ids, args.new) for _ in range(3))
             per_token = (many - one) / (args.new - 1)
-            rows.append((label, one * 1000, per_token * 1000, 1.0 / per_token))
+            sync = decode_step_sync(model, ids)
+            rows.append((label, one * 1000, per_token * 1000, 1.0 / per_token, sync))
             print(f"{label}: prefill+1 {one * 1000:.1f} ms, decode {per_token * 1000:.2f} ms/token "
-                  f"({1.0 / per_token:.1f} tokens/s)", flush=True)
+                  f"({1.0 / per_token:.1f} tokens/s); host sync in a decode step: {sync}", flush=True)
             del model
             torch.cuda.empty_cache() if args.device == "cuda" else None
     kv = plan.kv_cache_fraction(args.prompt)
-    lines = [f"# Decode, exported sparse model vs dense: Qwen2-1.5B shape (random weights), prompt {args.prompt}", "",
+    lines = [f"# Decode, exported sparse model vs dense: {LABELS[args.shape]} shape (random weights), prompt {args.prompt}",
+             "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: "
              f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; torch {torch.__version__}",
              f"- command: `python benchmarks/bench_decode.py {' '.join(argv or sys.argv[1:])}`",
              f"- plan: 15% retrieval KV heads, window {args.window}, sink 4, top-p 0.9; bf16; greedy; batch 1; "
              f"KV cache of the sparse model = {kv:.3f} of dense at {args.prompt} tokens", "",
-             "| model | prompt + 1 token (ms) | decode (ms/token) | tokens/s |", "| --- | --- | --- | --- |"]
-    lines += [f"| {label} | {a:.1f} | {b:.2f} | {c:.1f} |" for label, a, b, c in rows]
+             "| model | prompt + 1 token (ms) | decode (ms/token) | tokens/s | host sync in a decode step |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {label} | {a:.1f} | {b:.2f} | {c:.1f} | {sync} |" for label, a, b, c, sync in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

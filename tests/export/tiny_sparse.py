@@ -5,6 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from rtpurbo_train.attention import attach_sparsity
+from rtpurbo_train.export.hf_config import rtpurbo_section
+from rtpurbo_train.export.remote_code import modeling_rtpurbo
 from rtpurbo_train.models.byte_tokenizer import build_byte_tokenizer
 from rtpurbo_train.plan import HeadLayout, SparsityPlan
 
@@ -45,6 +47,17 @@ def sparse_model(family: str = "llama", *, layers: int = 3, heads: int = 4, kv_h
     runtime = attach_sparsity(model, plan, backend="reference", seed=seed)
     randomize_indexers(model, seed + 1)
     return model, runtime, plan, tokenizer
+
+
+def remote_model(*, layers: int = 2, heads: int = 4, kv_heads: int = 2, retrieval=(1,), seed: int = 0,
+                 **plan_settings):
+    """The exported sparse class (modeling_rtpurbo) built directly from a tiny Llama config, random indexers."""
+    config = tiny_config("llama", layers=layers, heads=heads, kv_heads=kv_heads)
+    config.rtpurbo = rtpurbo_section(make_plan(config, retrieval, **plan_settings))
+    torch.manual_seed(seed)
+    model = modeling_rtpurbo.RTPurboLlamaForCausalLM(config).eval()
+    randomize_indexers(model, seed + 1)  # peaked indexer distributions: selections differ between rows
+    return model
 
 
 @torch.no_grad()

@@ -1,14 +1,25 @@
 """The KV cache of an exported RTPurbo model: where sparse decoding saves memory.
 
-Per layer (`RTPurboLayerCache`):
-- streaming KV heads keep ONLY the sink tokens and the last `window` tokens (`stream_keys/values`
-  [B, Hs, <= sink + window, D], with the absolute position of every slot in `stream_pos` [L]);
+Per layer (`RTPurboLayerCache`), all in preallocated buffers that are written in place:
+- streaming KV heads keep ONLY the sink tokens and the last `window` tokens, in a buffer of at most
+  sink + window slots [B, Hs, <= sink + window, D] (it grows like the others up to that size, then stays):
+  position p < sink sits in slot p, a later position in slot sink + (p - sink) % window (a ring). The filled slots are always a prefix of the buffer, and after
+  writing position t every filled slot is visible to the query at t, so a decode step attends to the
+  prefix with no mask. `stream_pos` gives each filled slot's position (computed, not stored);
 - retrieval KV heads keep every token (`full_keys/values` [B, Hr, T, D]) plus the indexer keys
-  (`indexer_keys` [B, Hr, T, d]) and the indexer mass already accumulated by the earlier queries of the
-  current, unfinished query block (`block_mass` [B, Hr, NKB], `block_rows`), so that a decoded token
-  selects key blocks exactly as a no-cache forward over the whole sequence selects them for that block;
+  (`indexer_keys` [B, Hr, T, d], float32: the selection scores them in float32) and the indexer mass already
+  accumulated by the earlier queries of the current, unfinished query block (`block_mass` [B, Hr, NKB]),
+  so that a decoded token selects key blocks exactly as a no-cache forward over the whole sequence selects
+  them for that block. Their buffers grow by capacity doubling (amortised O(1) append; `reserve`, e.g.
+  generate()'s max_length, sizes the first allocation so that generation never regrows), in multiples of
+  the block size; the slots past the filled prefix are zeros. `full_keys`, `indexer_keys`, ... are views of
+  the filled prefix;
 - in dense mode (prompt shorter than `seqlen_threshold`, or sparsity switched off) every KV head is a
   "full" head and nothing else is stored.
+
+Appending never copies the cached tokens except when a buffer grows. `kv_bytes()` counts the live KV
+entries (what a dense cache of the same tokens would count per head); `allocated_bytes()` the buffers,
+spare capacity included.
 
 The attention of modeling_rtpurbo.py reads the cached tensors and appends the new tokens itself (the
 layout differs per head kind, so transformers' `update(key, value)` protocol does not fit; it raises).
@@ -22,6 +33,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 MODES = ("sparse", "dense")
+BUFFERS = ("_full_k", "_full_v", "_ikeys", "_stream_k", "_stream_v", "block_mass")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class RTPurboLayerCache(CacheLayerMixin):
@@ -30,77 +46,160 @@ class RTPurboLayerCache(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, sink_tokens: int, window: int):
+    def __init__(self, sink_tokens: int, window: int, block_size: int = 1, reserve: int = 0):
         super().__init__()
         self.sink_tokens = sink_tokens
         self.window = window
+        self.block_size = block_size
+        self.reserve = reserve  # tokens the first allocation of a growing buffer makes room for
         self.seen = 0  # tokens written so far (absolute position of the next token)
-        self.full_keys: Optional[torch.Tensor] = None
-        self.full_values: Optional[torch.Tensor] = None
-        self.indexer_keys: Optional[torch.Tensor] = None
-        self.block_mass: Optional[torch.Tensor] = None
-        self.block_rows = 0
-        self.stream_keys: Optional[torch.Tensor] = None
-        self.stream_values: Optional[torch.Tensor] = None
-        self.stream_pos: Optional[torch.Tensor] = None
+        self._full_k: Optional[torch.Tensor] = None  # [B, H, capacity, D]
+        self._full_v: Optional[torch.Tensor] = None
+        self._ikeys: Optional[torch.Tensor] = None  # float32 [B, Hr, capacity, d]
+        self._stream_k: Optional[torch.Tensor] = None  # [B, Hs, sink + window, D]
+        self._stream_v: Optional[torch.Tensor] = None
+        self.block_mass: Optional[torch.Tensor] = None  # float32 [B, Hr, NKB], or None between blocks
 
-    # ---- what the attention reads and writes ---------------------------------------------------
-    def append_full(self, keys: torch.Tensor, values: torch.Tensor, store: bool):
-        """keys/values [B, H, T_new, D] -> all keys/values so far [B, H, seen + T_new, D]."""
-        if self.full_keys is not None:
-            keys = torch.cat([self.full_keys, keys], dim=2)
-            values = torch.cat([self.full_values, values], dim=2)
-        if store:
-            self.full_keys, self.full_values = keys, values
-        return keys, values
+    # ---- views of the filled slots ---------------------------------------------------------------------
+    @property
+    def full_keys(self) -> Optional[torch.Tensor]:
+        return None if self._full_k is None else self._full_k[:, :, :self.seen]
 
-    def append_indexer_keys(self, ikeys: torch.Tensor, store: bool) -> torch.Tensor:
-        """ikeys [B, Hr, T_new, d] -> every indexer key so far [B, Hr, seen + T_new, d]."""
-        if self.indexer_keys is not None:
-            ikeys = torch.cat([self.indexer_keys, ikeys], dim=2)
-        if store:
-            self.indexer_keys = ikeys
-        return ikeys
+    @property
+    def full_values(self) -> Optional[torch.Tensor]:
+        return None if self._full_v is None else self._full_v[:, :, :self.seen]
 
-    def append_streaming(self, keys: torch.Tensor, values: torch.Tensor, start: int, store: bool):
-        """keys/values [B, Hs, T_new, D] at positions start.. -> (keys, values [B, Hs, L, D], positions [L]):
-        the kept sink/window slots followed by the new tokens. Stores only what later queries can see:
-        positions < sink_tokens and the last `window` positions."""
-        end = start + keys.shape[2]
-        pos = torch.arange(start, end, device=keys.device)
-        if self.stream_keys is not None:
-            keys = torch.cat([self.stream_keys, keys], dim=2)
-            values = torch.cat([self.stream_values, values], dim=2)
+    @property
+    def indexer_keys(self) -> Optional[torch.Tensor]:
+        return None if self._ikeys is None else self._ikeys[:, :, :self.seen]
+
+    @property
+    def stream_slots(self) -> int:
+        """Filled slots of the streaming buffer (always its prefix)."""
+        return min(self.seen, self.sink_tokens + self.window)
+
+    @property
+    def stream_keys(self) -> Optional[torch.Tensor]:
+        return None if self._stream_k is None else self._stream_k[:, :, :self.stream_slots]
+
+    @property
+    def stream_values(self) -> Optional[torch.Tensor]:
+        return None if self._stream_v is None else self._stream_v[:, :, :self.stream_slots]
+
+    @property
+    def stream_pos(self) -> Optional[torch.Tensor]:
+        """int64 [stream_slots]: the absolute position held by each filled streaming slot."""
+        if self._stream_k is None:
+            return None
+        sink, window = self.sink_tokens, self.window
+        slot = torch.arange(self.stream_slots, device=self._stream_k.device)
+        newest = self.seen - 1 - sink  # ring offset of the newest position
+        ring = sink + newest - (newest - (slot - sink)) % window
+        return torch.where(slot < sink, slot, ring)
+
+    # ---- what the attention writes -------------------------------------------------------------------------
+    def _grown(self, buf: Optional[torch.Tensor], new: torch.Tensor, dtype=None, limit=None) -> torch.Tensor:
+        """`buf` with room for seen + new.shape[2] tokens (at most `limit` slots): itself, or a buffer of at least
+        twice the capacity (zero-filled, the filled prefix copied over)."""
+        capacity = 0 if buf is None else buf.shape[2]
+        needed = min(self.seen + new.shape[2], limit or float("inf"))
+        if needed <= capacity:
+            return buf
+        capacity = _round_up(max(needed, 2 * capacity, self.reserve), self.block_size)
+        capacity = min(capacity, limit or capacity)
+        B, H, _, X = new.shape
+        grown = torch.zeros(B, H, capacity, X, dtype=dtype or new.dtype, device=new.device)
+        if buf is not None:
+            grown[:, :, :self.seen] = buf[:, :, :self.seen]
+        return grown
+
+    def append_full(self, keys: torch.Tensor, values: torch.Tensor):
+        """keys/values [B, H, T_new, D] -> views of all keys/values so far [B, H, seen + T_new, D]."""
+        self._full_k, self._full_v = self._grown(self._full_k, keys), self._grown(self._full_v, values)
+        end = self.seen + keys.shape[2]
+        self._full_k[:, :, self.seen:end] = keys
+        self._full_v[:, :, self.seen:end] = values
+        return self._full_k[:, :, :end], self._full_v[:, :, :end]
+
+    def append_indexer_keys(self, ikeys: torch.Tensor) -> torch.Tensor:
+        """ikeys [B, Hr, T_new, d] -> float32 view of every indexer key so far [B, Hr, seen + T_new, d]."""
+        self._ikeys = self._grown(self._ikeys, ikeys, torch.float32)
+        end = self.seen + ikeys.shape[2]
+        self._ikeys[:, :, self.seen:end] = ikeys
+        return self._ikeys[:, :, :end]
+
+    def indexer_key_blocks(self, num_tokens: int) -> torch.Tensor:
+        """float32 [B, Hr, num_tokens rounded up to whole blocks, d]: the keys, then zeros (capacity is a
+        multiple of the block size)."""
+        return self._ikeys[:, :, :_round_up(num_tokens, self.block_size)]
+
+    def _write_streaming(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store what later queries can see of the new tokens (positions seen..): the sink positions and the
+        last `window` positions, in their slots (slice copies only)."""
+        sink, window = self.sink_tokens, self.window
+        # Until the ring wraps, position p sits in slot p: growing keeps every token in place.
+        self._stream_k = self._grown(self._stream_k, keys, limit=sink + window)
+        self._stream_v = self._grown(self._stream_v, values, limit=sink + window)
+        start, end = self.seen, self.seen + keys.shape[2]
+        spans = []
+        if start < sink:
+            spans.append((start, min(end, sink), start))
+        first = max(start, sink, end - window)  # ring positions first..end-1 (at most `window` of them)
+        if first < end:
+            slot = (first - sink) % window
+            split = min(end, first + window - slot)  # the ring wraps after this position
+            spans += [(first, split, sink + slot), (split, end, sink)]
+        for a, b, slot in spans:
+            if a < b:
+                self._stream_k[:, :, slot:slot + b - a] = keys[:, :, a - start:b - start]
+                self._stream_v[:, :, slot:slot + b - a] = values[:, :, a - start:b - start]
+
+    def append_streaming(self, keys: torch.Tensor, values: torch.Tensor):
+        """keys/values [B, Hs, T_new, D] at positions seen.. -> (keys, values [B, Hs, L, D], positions [L]):
+        the kept slots followed by the new tokens (copies, so the queries of a multi-token step still see the
+        slots their new tokens evict); the buffer then holds what later queries can see."""
+        pos = torch.arange(self.seen, self.seen + keys.shape[2], device=keys.device)
+        all_keys, all_values = keys, values
+        if self._stream_k is not None:
+            all_keys = torch.cat([self.stream_keys, keys], dim=2)
+            all_values = torch.cat([self.stream_values, values], dim=2)
             pos = torch.cat([self.stream_pos, pos])
-        if store:
-            keep = (pos < self.sink_tokens) | (pos >= end - self.window)
-            if bool(keep.all()):
-                self.stream_keys, self.stream_values, self.stream_pos = keys, values, pos
-            else:
-                idx = keep.nonzero().squeeze(1)
-                # index_select copies, so the evicted slots are really freed.
-                self.stream_keys = keys.index_select(2, idx)
-                self.stream_values = values.index_select(2, idx)
-                self.stream_pos = pos.index_select(0, idx)
-        return keys, values, pos
+        self._write_streaming(keys, values)
+        return all_keys, all_values, pos
+
+    def append_streaming_step(self, keys: torch.Tensor, values: torch.Tensor):
+        """One new token [B, Hs, 1, D] at position seen -> views [B, Hs, L, D] of every slot that token's
+        query sees (the filled prefix, itself included; the token it evicts is out of its window)."""
+        self._write_streaming(keys, values)
+        filled = min(self.seen + 1, self.sink_tokens + self.window)
+        return self._stream_k[:, :, :filled], self._stream_v[:, :, :filled]
 
     def advance(self, num_tokens: int) -> None:
         self.seen += num_tokens
 
     # ---- accounting ------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, Optional[torch.Tensor]]:
-        return {"full_keys": self.full_keys, "full_values": self.full_values, "indexer_keys": self.indexer_keys,
-                "block_mass": self.block_mass, "stream_keys": self.stream_keys,
-                "stream_values": self.stream_values, "stream_pos": self.stream_pos}
+        return {name: getattr(self, name) for name in BUFFERS}
+
+    @staticmethod
+    def _token_bytes(buf: Optional[torch.Tensor]) -> int:
+        """Bytes one token takes in `buf` [B, H, slots, X] (all batch rows and heads)."""
+        return 0 if buf is None else buf.shape[0] * buf.shape[1] * buf.shape[3] * buf.element_size()
 
     def kv_bytes(self) -> int:
-        """Bytes of cached keys and values (what a dense cache would hold for every head)."""
-        return sum(t.numel() * t.element_size() for t in
-                   (self.full_keys, self.full_values, self.stream_keys, self.stream_values) if t is not None)
+        """Bytes of the live cached keys and values (what a dense cache would hold for every head)."""
+        full = self._token_bytes(self._full_k) + self._token_bytes(self._full_v)
+        stream = self._token_bytes(self._stream_k) + self._token_bytes(self._stream_v)
+        return full * self.seen + stream * self.stream_slots
 
     def indexer_bytes(self) -> int:
-        """Bytes of the retrieval heads' extra state: indexer keys and the open block's mass."""
-        return sum(t.numel() * t.element_size() for t in (self.indexer_keys, self.block_mass) if t is not None)
+        """Bytes of the retrieval heads' live extra state: indexer keys and the open block's mass."""
+        mass = 0 if self.block_mass is None else self.block_mass.numel() * self.block_mass.element_size()
+        return self._token_bytes(self._ikeys) * self.seen + mass
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every buffer this layer holds, spare capacity included."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values() if t is not None)
 
     # ---- transformers' CacheLayerMixin protocol ------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -121,11 +220,11 @@ class RTPurboLayerCache(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.sink_tokens, self.window)
+        self.__init__(self.sink_tokens, self.window, self.block_size, self.reserve)
 
     def _map_batch(self, fn) -> None:
         for name, tensor in self._tensors().items():
-            if tensor is not None and name != "stream_pos":
+            if tensor is not None:
                 setattr(self, name, fn(tensor))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -148,8 +247,9 @@ class RTPurboCache(Cache):
     `seqlen_threshold` (or sparsity is off), else "sparse"; decoding keeps that mode.
     """
 
-    def __init__(self, num_layers: int, sink_tokens: int, window: int):
-        super().__init__(layers=[RTPurboLayerCache(sink_tokens, window) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, sink_tokens: int, window: int, block_size: int = 1, reserve: int = 0):
+        super().__init__(layers=[RTPurboLayerCache(sink_tokens, window, block_size, reserve)
+                                 for _ in range(num_layers)])
         self.mode: Optional[str] = None
 
     def kv_bytes(self) -> int:
@@ -157,3 +257,6 @@ class RTPurboCache(Cache):
 
     def indexer_bytes(self) -> int:
         return sum(layer.indexer_bytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes() for layer in self.layers)

@@ -22,6 +22,10 @@ token's selection averages the mass over the queries of its query block seen so 
 are accumulated in the cache), which is what a no-cache forward over the whole sequence computes for a
 last, partial block. (Tokens decoded earlier in that block saw fewer block-mates than a later no-cache
 forward gives them, so their hidden states, and so later layers' inputs, may differ slightly.)
+A decode step (one token, cache present) runs only fixed-shape tensor ops, so the host never waits for
+the device: the retrieval heads score every cached indexer key, choose blocks by sort/cumsum/scatter and
+attend to the whole cache under a token mask (no gather of the chosen blocks); the streaming heads attend
+to their sink + window buffer. Prefill and multi-token steps take the chunked path below.
 """
 from __future__ import annotations
 
@@ -213,10 +217,53 @@ def dense_attention(q, k, v, start, scaling):
     T, N = q.shape[2], k.shape[2]
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-    mask = None
-    if T > 1:
-        mask = torch.arange(N, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
+    if T == 1:  # decode: the G query heads of a KV head are G query rows of one attention over its keys
+        B, Hq, _, D = q.shape
+        out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v, scale=scaling)
+        return out.reshape(B, Hq, 1, D)
+    mask = torch.arange(N, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+# ---- one decode step (one new token, cache present): fixed-shape ops, no host sync ---------------------------
+def select_blocks_decode(mass: torch.Tensor, q_block: int, s: RTPurboSparsityConfig) -> torch.Tensor:
+    """`select_blocks` for the one query block `q_block` whose mass float32 [B, H, q_block + 1] covers only
+    causal blocks -> chosen bool [B, H, q_block + 1]. Same ops on the same values, so the same choice."""
+    if s.top_k is None and s.top_p >= 1.0:
+        return torch.ones(mass.shape, dtype=torch.bool, device=mass.device)
+    vals, order = torch.sort(mass, dim=-1, descending=True, stable=True)
+    if s.top_k is not None:
+        order = order[..., :s.top_k]
+        keep = torch.ones(order.shape, dtype=torch.bool, device=mass.device)
+    else:  # the heaviest block is always kept: the mass before it is exactly 0 < top_p
+        keep = (torch.cumsum(vals, dim=-1) - vals) < s.top_p
+    chosen = torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, keep)
+    chosen[..., :s.sink_blocks] = True
+    if s.local_blocks > 0:
+        chosen[..., max(0, q_block - s.local_blocks + 1):] = True
+    return chosen
+
+
+def retrieval_decode_bias(qi: torch.Tensor, ki_blocks: torch.Tensor, carry, t: int, s: RTPurboSparsityConfig,
+                          dtype: torch.dtype):
+    """The keys the query at position t sees on each retrieval head, as an additive attention mask.
+
+    qi [B, Hr, G, d]; ki_blocks float32 [B, Hr, NKB * bs, d]: indexer keys 0..t, then zeros; `carry` float32
+    [B, Hr, NKB] = the mass of the earlier queries of t's block, or None at a block's first query.
+    Returns (bias `dtype` [B, Hr, 1, t + 1]: 0 where visible, -inf elsewhere; the block's mass so far
+    float32 [B, Hr, NKB])."""
+    B, Hr, G, _ = qi.shape
+    bs = s.block_size
+    nkb = t // bs + 1
+    scores = torch.matmul(qi.float(), ki_blocks.transpose(-1, -2)) * s.indexer_scale  # [B, Hr, G, nkb * bs]
+    if t + 1 < nkb * bs:
+        scores[..., t + 1:] = float("-inf")
+    sums = torch.softmax(scores, dim=-1).view(B, Hr, G, nkb, bs).sum(dim=(2, 4))
+    if carry is not None:
+        sums = sums + carry
+    chosen = select_blocks_decode(sums / float((t % bs + 1) * G), nkb - 1, s)
+    bias = chosen.to(dtype).log()  # per block: log 1 = 0 (chosen), log 0 = -inf
+    return bias[..., None].expand(B, Hr, nkb, bs).reshape(B, Hr, 1, nkb * bs)[..., :t + 1], sums
 
 
 # ---- the kernel path (rtpurbo_kernels on CUDA) -----------------------------------------------------------------
@@ -290,6 +337,9 @@ class LayerHeads:
                       "stream_kv": settings.streaming_kv_heads(layer)}
         g = settings.group
         self.lists["stream_q"] = [h * g + j for h in self.lists["stream_kv"] for j in range(g)]
+        # (first, count) of the kinds whose heads are consecutive: taken as views, not gathered
+        self.spans = {name: (ids[0], len(ids)) for name, ids in self.lists.items()
+                      if ids and ids == list(range(ids[0], ids[0] + len(ids)))}
         self._on: dict = {}
 
     def count(self, name: str) -> int:
@@ -300,6 +350,23 @@ class LayerHeads:
         if key not in self._on:
             self._on[key] = torch.tensor(self.lists[name], dtype=torch.long, device=device)
         return self._on[key]
+
+    def take(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The heads `name` of x [B, H, ...] (a view when they are consecutive)."""
+        if name in self.spans:
+            return x.narrow(1, *self.spans[name])
+        return x.index_select(1, self.index(name, x.device))
+
+    def merge(self, stream: torch.Tensor | None, ret: torch.Tensor | None) -> torch.Tensor:
+        """Query-head outputs [B, Hs*G, ...] and [B, Hr*G, ...] -> [B, Hq, ...] in head order."""
+        if stream is None or ret is None:
+            return ret if stream is None else stream
+        if "stream_q" in self.spans and "q" in self.spans:
+            first = [stream, ret] if self.spans["stream_q"][0] == 0 else [ret, stream]
+            return torch.cat(first, dim=1)
+        out = stream.new_empty(stream.shape[0], stream.shape[1] + ret.shape[1], *stream.shape[2:])
+        out.index_copy_(1, self.index("stream_q", out.device), stream)
+        return out.index_copy_(1, self.index("q", out.device), ret)
 
 
 class RTPurboAttention(nn.Module):
@@ -329,11 +396,10 @@ class RTPurboAttention(nn.Module):
                 raise TypeError(f"the RTPurbo model needs an RTPurboCache (model.make_cache()), got {type(past_key_values).__name__}")
             cache = past_key_values.layers[self.layer_idx]
         start = cache.seen if cache is not None else 0
-        store = cache is not None
         if kwargs.get("rtpurbo_mode", "sparse") == "dense":
             if cache is not None:
-                k_rot, v = cache.append_full(k_rot, v, store)
-            out = dense_attention(q_rot, k_rot, v, start, self.scaling).float()
+                k_rot, v = cache.append_full(k_rot, v)
+            out = dense_attention(q_rot, k_rot, v, start, self.scaling)
         else:
             out = self._rtpurbo_sparse(q_pre, k_pre, q_rot, k_rot, v, cache, start)
         if cache is not None:
@@ -342,68 +408,89 @@ class RTPurboAttention(nn.Module):
         return self.o_proj(out), None
 
     def _rtpurbo_sparse(self, q_pre, k_pre, q, k, v, cache, start):
-        """[B, H, T, D] inputs -> float32 [B, Hq, T, D]."""
+        """[B, H, T, D] inputs -> [B, Hq, T, D] (float32, or the model dtype for a decode step)."""
         s, heads = self.rtpurbo_settings, self.rtpurbo_heads
         B, Hq, T, D = q.shape
         G = s.group
-        store = cache is not None
         dev = q.device
         has_ret, has_stream = heads.count("kv") > 0, heads.count("stream_kv") > 0
         qi = ki_new = None
         if has_ret:
-            ret_q, ret_kv = heads.index("q", dev), heads.index("kv", dev)
-            qi = self.indexer.wq(q_pre[:, ret_q]).view(B, heads.count("kv"), G, T, -1)
-            ki_new = self.indexer.wk(k_pre[:, ret_kv])
+            qi = self.indexer.wq(heads.take(q_pre, "q")).view(B, heads.count("kv"), G, T, -1)
+            ki_new = self.indexer.wk(heads.take(k_pre, "kv"))
+        if cache is not None and T == 1 and start > 0:
+            return self._rtpurbo_decode(q, k, v, qi, ki_new, cache, start)
 
         kern = self._rtpurbo_kernels(q)
         if kern is not None and start == 0:
             # The kernels' own "auto": Triton on CUDA, their PyTorch reference elsewhere.
             out = kernel_prefill(kern, q, k, v, qi, ki_new, heads, s, self.scaling, "auto")
-            if store:
+            if cache is not None:
                 self._rtpurbo_store_prefill(cache, k, v, qi, ki_new)
             return out.float()
 
         out = q.new_empty(B, Hq, T, D, dtype=torch.float32)
         if has_stream:
-            s_q, s_kv = heads.index("stream_q", dev), heads.index("stream_kv", dev)
-            ks, vs = k[:, s_kv], v[:, s_kv]
+            s_q = heads.index("stream_q", dev)
+            ks, vs = heads.take(k, "stream_kv"), heads.take(v, "stream_kv")
             if cache is not None:
-                ks, vs, k_pos = cache.append_streaming(ks, vs, start, store)
+                ks, vs, k_pos = cache.append_streaming(ks, vs)
             else:
                 k_pos = torch.arange(T, device=dev)
             o = streaming_attention(q[:, s_q].view(B, -1, G, T, D), ks, vs, k_pos, start, s, self.scaling)
             out[:, s_q] = o.reshape(B, -1, T, D)
         if has_ret:
-            kr, vr, ki = k[:, ret_kv], v[:, ret_kv], ki_new
+            ret_q = heads.index("q", dev)
+            kr, vr, ki = heads.take(k, "kv"), heads.take(v, "kv"), ki_new
             carry = None
             if cache is not None:
-                kr, vr = cache.append_full(kr, vr, store)
-                ki = cache.append_indexer_keys(ki_new, store)
+                kr, vr = cache.append_full(kr, vr)
+                ki = cache.append_indexer_keys(ki_new)
                 if start % s.block_size and cache.block_mass is not None:
-                    carry = (cache.block_mass, cache.block_rows)
+                    carry = (cache.block_mass, start % s.block_size)
             o, carry = retrieval_attention(q[:, ret_q].view(B, -1, G, T, D), kr, vr, qi, ki, start, carry, s, self.scaling)
             out[:, ret_q] = o.reshape(B, -1, T, D)
-            if store:
-                cache.block_mass, cache.block_rows = (carry if carry is not None else (None, 0))
+            if cache is not None:
+                cache.block_mass = None if carry is None else carry[0].clone()
         return out
+
+    def _rtpurbo_decode(self, q, k, v, qi, ki_new, cache, t):
+        """One new token at position t, with a cache: no host sync, no compaction, no copy of cached tokens.
+        q [B, Hq, 1, D], k/v [B, Hkv, 1, D], qi [B, Hr, G, 1, d], ki_new [B, Hr, 1, d] -> [B, Hq, 1, D].
+        Streaming heads: one attention over the sink + window buffer. Retrieval heads: indexer scores of
+        every cached key -> block mass -> chosen blocks -> one attention over the cache, masked."""
+        s, heads = self.rtpurbo_settings, self.rtpurbo_heads
+        B, _, _, D = q.shape
+        stream = ret = None
+        if heads.count("stream_kv"):
+            ks, vs = cache.append_streaming_step(heads.take(k, "stream_kv"), heads.take(v, "stream_kv"))
+            qs = heads.take(q, "stream_q").reshape(B, ks.shape[1], -1, D)  # a group's heads as query rows
+            stream = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling).reshape(B, -1, 1, D)
+        if heads.count("kv"):
+            kr, vr = cache.append_full(heads.take(k, "kv"), heads.take(v, "kv"))
+            cache.append_indexer_keys(ki_new)
+            carry = cache.block_mass if t % s.block_size else None
+            bias, mass = retrieval_decode_bias(qi.squeeze(3), cache.indexer_key_blocks(t + 1), carry, t, s, q.dtype)
+            cache.block_mass = mass if (t + 1) % s.block_size else None
+            qr = heads.take(q, "q").reshape(B, kr.shape[1], -1, D)
+            ret = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=bias, scale=self.scaling).reshape(B, -1, 1, D)
+        return heads.merge(stream, ret)
 
     def _rtpurbo_store_prefill(self, cache, k, v, qi, ki):
         """After a kernel prefill: fill the cache as the PyTorch path would (trimmed streaming heads, full
         retrieval heads, indexer keys, and the mass of the last query block when it is unfinished)."""
         heads, s = self.rtpurbo_heads, self.rtpurbo_settings
-        dev, T = k.device, k.shape[2]
+        T = k.shape[2]
         if heads.count("stream_kv"):
-            s_kv = heads.index("stream_kv", dev)
-            cache.append_streaming(k[:, s_kv], v[:, s_kv], 0, True)
+            cache.append_streaming(heads.take(k, "stream_kv"), heads.take(v, "stream_kv"))
         if heads.count("kv"):
-            ret_kv = heads.index("kv", dev)
-            cache.append_full(k[:, ret_kv], v[:, ret_kv], True)
-            cache.append_indexer_keys(ki, True)
-            cache.block_mass, cache.block_rows = None, 0
+            cache.append_full(heads.take(k, "kv"), heads.take(v, "kv"))
+            cache.append_indexer_keys(ki)
+            cache.block_mass = None
             if T % s.block_size:
                 a = T - T % s.block_size
-                sums, rows = indexer_block_sums(qi[:, :, :, a:], ki, a, s.indexer_scale, s.block_size)
-                cache.block_mass, cache.block_rows = sums[:, :, -1], rows[-1]
+                sums, _ = indexer_block_sums(qi[:, :, :, a:], ki, a, s.indexer_scale, s.block_size)
+                cache.block_mass = sums[:, :, -1].clone()
 
     def _rtpurbo_kernels(self, q):
         backend = self.rtpurbo_options.backend
@@ -525,9 +612,10 @@ class RTPurboCausalLMMixin:
             json.dump(data, f, indent=2, sort_keys=True)
 
     # ---- running ------------------------------------------------------------------------------------------------
-    def make_cache(self) -> RTPurboCache:
+    def make_cache(self, reserve: int = 0) -> RTPurboCache:
+        """An empty cache; `reserve` tokens (e.g. generate()'s max_length) size its first allocation."""
         s = self.rtpurbo_settings
-        return RTPurboCache(s.num_layers, s.sink_tokens, s.window)
+        return RTPurboCache(s.num_layers, s.sink_tokens, s.window, block_size=s.block_size, reserve=reserve)
 
     def set_sparse(self, enabled: bool) -> None:
         """Sparse (default) or plain dense attention for the next sequences (a cache keeps its mode)."""
@@ -553,7 +641,12 @@ class RTPurboCausalLMMixin:
             past_key_values = None  # an empty stock cache from a caller: replace it
         if past_key_values is None and use_cache:
             past_key_values = self.make_cache()
-        _no_padding(attention_mask)
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            _no_padding(attention_mask)  # at prefill: later steps only append tokens
+        else:
+            # The RTPurbo attention never reads the mask; without it transformers builds none (and does not
+            # sync with the device to check it for padding) on decode steps.
+            attention_mask = None
         num_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         mode = self._rtpurbo_mode(past_key_values, num_new)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -564,7 +657,7 @@ class RTPurboCausalLMMixin:
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation is not None:
                 raise ValueError("RTPurbo models use their own cache; leave generation_config.cache_implementation unset")
-            model_kwargs["past_key_values"] = self.make_cache()
+            model_kwargs["past_key_values"] = self.make_cache(reserve=generation_config.max_length or 0)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 

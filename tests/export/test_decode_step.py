@@ -1,0 +1,179 @@
+"""The exported model's decode step: no host<->device sync, no whole-cache copy, same results.
+
+A sync cannot be observed on CPU directly, so the step runs with every op that would make the host wait for
+the device turned into an error: Python-level `.item()/.tolist()/.nonzero()/bool()/int()/float()` on tensors,
+and (through a dispatch mode, which also sees what C++ code calls) the aten ops behind them and behind
+data-dependent shapes (`_local_scalar_dense`, `nonzero`, boolean-mask indexing, ...).
+"""
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rtpurbo_train.export.remote_code.modeling_rtpurbo import select_blocks, select_blocks_decode
+
+from .tiny_sparse import random_ids, remote_model
+
+ATEN_SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "argwhere", "masked_select", "unique",
+                 "_unique", "_unique2", "unique_consecutive", "unique_dim"}
+
+
+INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+def _data_dependent(func, args) -> bool:
+    """Boolean-mask indexing, or repeat_interleave with tensor repeats: the output shape needs the data."""
+    if func.overloadpacket.__name__ in INDEXING_OPS:
+        return any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1])
+    return func is torch.ops.aten.repeat_interleave.Tensor
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on aten ops whose result the host must wait for (scalars, data-dependent shapes)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ATEN_SYNC_OPS or _data_dependent(func, args):
+            raise AssertionError(f"host sync in the decode step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def _forbid_python_syncs(monkeypatch):
+    def fail(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"host sync in the decode step: {name}")
+        return raiser
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, fail(f"Tensor.{name}"))
+    monkeypatch.setattr(torch, "nonzero", fail("torch.nonzero"))
+
+
+@pytest.mark.parametrize("kv_heads,retrieval,settings", [
+    (2, (1,), {"top_p": 0.6}),  # one streaming, one retrieval KV head: both taken as views
+    (4, (0, 2), {"top_k": 2}),  # interleaved kinds: gathered and merged by index
+    (2, (0, 1), {"top_p": 0.6}),  # retrieval heads only
+    (2, (1,), {"top_p": 0.6, "seqlen_threshold": 1000}),  # a short prompt: dense mode
+])
+def test_decode_steps_do_not_sync_and_match_the_no_cache_forward(monkeypatch, kv_heads, retrieval, settings):
+    # One layer: every cached step then equals the no-cache forward over its prefix (test_sparse_decode.py).
+    model = remote_model(layers=1, heads=2 * kv_heads, kv_heads=kv_heads, retrieval=retrieval, **settings)
+    ids = random_ids(52, seed=4)
+    cache = model.make_cache()
+    # From a 5-token prompt: the buffers grow, the streaming ring (sink 4 + window 24) fills and wraps, and
+    # the steps cross the block edges at 16, 32 and 48.
+    steps = range(5, 52)
+    with torch.no_grad():
+        model(ids[:, :5], past_key_values=cache)
+        with monkeypatch.context() as patch:
+            _forbid_python_syncs(patch)
+            with NoHostSync():
+                got = [model(ids[:, t:t + 1], past_key_values=cache, attention_mask=torch.ones(1, t + 1, dtype=torch.long),
+                             logits_to_keep=1).logits[:, -1] for t in steps]
+        for t, logits in zip(steps, got):
+            want = model(ids[:, :t + 1], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    assert cache.mode == ("dense" if "seqlen_threshold" in settings else "sparse")
+
+
+def test_sync_guard_catches_a_sync(monkeypatch):
+    x = torch.tensor([0.0, 1.0])
+    with NoHostSync(), pytest.raises(AssertionError, match="host sync"):
+        x[x > 0]
+    with monkeypatch.context() as patch:
+        _forbid_python_syncs(patch)
+        with pytest.raises(AssertionError, match="host sync"):
+            x.sum().item()
+
+
+def _buffer_ptrs(layer):
+    return {name: getattr(layer, name).data_ptr() for name in ("_full_k", "_full_v", "_ikeys", "_stream_k", "_stream_v")}
+
+
+def test_appends_write_in_place_and_grow_by_doubling():
+    model = remote_model(layers=1, retrieval=(1,), top_p=0.6)  # blocks of 16, sink 4, window 24
+    ids = random_ids(100, seed=6)
+    cache = model.make_cache()
+    layer = cache.layers[0]
+
+    def step(t):
+        model(ids[:, t:t + 1], past_key_values=cache)
+
+    with torch.no_grad():
+        model(ids[:, :37], past_key_values=cache)
+        assert layer._full_k.shape[2] == layer._ikeys.shape[2] == 48  # the prompt, in whole blocks
+        assert layer._stream_k.shape[2] == 4 + 24  # streaming heads: at most sink + window slots, for good
+        ptrs, prompt_keys = _buffer_ptrs(layer), layer.full_keys.clone()
+        for t in range(37, 48):
+            step(t)
+            assert _buffer_ptrs(layer) == ptrs, f"a buffer was reallocated at step {t}"
+        step(48)  # 49 tokens do not fit 48 slots: the full buffers double, once
+        grown = _buffer_ptrs(layer)
+        assert layer._full_k.shape[2] == layer._ikeys.shape[2] == 96
+        assert {n for n in ptrs if grown[n] != ptrs[n]} == {"_full_k", "_full_v", "_ikeys"}
+        assert torch.equal(layer.full_keys[:, :, :37], prompt_keys)
+        for t in range(49, 96):
+            step(t)
+            assert _buffer_ptrs(layer) == grown, f"a buffer was reallocated at step {t}"
+    assert layer.full_keys.shape[2] == 96 and layer._stream_k.shape[2] == 4 + 24
+    assert sorted(layer.stream_pos.tolist()) == list(range(4)) + list(range(96 - 24, 96))
+    # Live bytes: 96 tokens on the retrieval head, sink + window on the streaming head (1 KV head each).
+    assert cache.kv_bytes() == (96 + 28) * 64 * 4 * 2
+    assert cache.allocated_bytes() >= cache.kv_bytes() + cache.indexer_bytes()
+
+
+def test_streaming_buffer_grows_to_sink_plus_window_only():
+    model = remote_model(layers=1, retrieval=(1,), top_p=0.6)  # sink 4 + window 24
+    ids = random_ids(60, seed=8)
+    cache = model.make_cache()
+    layer = cache.layers[0]
+    sizes = []
+    with torch.no_grad():
+        model(ids[:, :10], past_key_values=cache)
+        for t in range(10, 60):
+            sizes.append(layer._stream_k.shape[2])
+            model(ids[:, t:t + 1], past_key_values=cache)
+    assert sorted(set(sizes)) == [16, 28]  # 10 tokens in one block of slots, then sink + window for good
+    assert layer.stream_keys.shape[2] == 28 and layer.full_keys.shape[2] == 60
+
+
+def test_generate_sizes_the_cache_once():
+    model = remote_model(layers=2, retrieval=(1,), top_p=0.6)
+    with torch.no_grad():
+        out = model.generate(random_ids(37, seed=2), max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == 77
+    for layer in out.past_key_values.layers:
+        assert layer._full_k.shape[2] == 80  # max_length 77 in whole blocks of 16: never regrown
+
+
+def test_reorder_cache_equals_a_reordered_batch():
+    model = remote_model(layers=2, retrieval=(1,), top_p=0.6)
+    ids = torch.cat([random_ids(45, seed=1), random_ids(45, seed=2)])
+    swap = torch.tensor([1, 0])
+
+    def decode(prompt_rows, reorder):
+        cache = model.make_cache()
+        with torch.no_grad():
+            model(ids[prompt_rows, :37], past_key_values=cache)
+            if reorder is not None:
+                cache.reorder_cache(reorder)
+            return torch.cat([model(ids[swap, t:t + 1], past_key_values=cache).logits for t in range(37, 45)], dim=1)
+
+    torch.testing.assert_close(decode(slice(None), swap), decode(swap, None), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # beam search reorders the cache every step
+        beams = model.generate(ids[:1, :37], num_beams=3, max_new_tokens=8, do_sample=False)
+    assert beams.shape == (1, 45)
+
+
+@pytest.mark.parametrize("overrides", [{"top_p": 0.6}, {"top_p": 1.0}, {"top_p": 0.3, "sink_blocks": 0, "local_blocks": 0},
+                                       {"top_k": 3}, {"top_k": 9, "local_blocks": 1}])
+def test_select_blocks_decode_equals_select_blocks(overrides):
+    base = remote_model(layers=1).rtpurbo_settings
+    s = dataclasses.replace(base, **{"top_k": None, **overrides})
+    gen = torch.Generator().manual_seed(3)
+    for nkb in (1, 2, 7, 30):
+        # coarse values: many ties, which both must break by block index
+        mass = torch.randint(0, 4, (2, 3, nkb), generator=gen).float()
+        mass = mass / mass.sum(-1, keepdim=True).clamp(min=1)
+        want = select_blocks(mass[:, :, None], torch.tensor([nkb - 1]), s)[:, :, 0]
+        assert torch.equal(select_blocks_decode(mass, nkb - 1, s), want)
