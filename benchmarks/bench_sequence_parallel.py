@@ -129,7 +129,9 @@ def worker(args) -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-        step_s = sum(times[1:]) / max(len(times) - 1, 1)
+        # --steps 0: the one step is the measurement (kernel compilation included): enough to find
+        # the longest length that fits, where a step takes minutes
+        step_s = times[0] if args.steps == 0 else sum(times[1:]) / (len(times) - 1)
         dp = dist.world_size() // args.sp_size
         result.update(ok=True, loss=float(loss), step_time_s=step_s, tokens_per_s=args.seq_len * dp / step_s,
                       peak_mem_gb=(torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else None)
@@ -202,7 +204,7 @@ def main() -> None:
     p.add_argument("--sp", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--start", type=int, default=16384)
     p.add_argument("--max-len", type=int, default=1 << 20)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (0: one timed step)")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--top-k", type=int, default=0, help="retrieval heads keep this many key blocks (0: top-p 0.9)")
     p.add_argument("--kl-selected-only", action="store_true",
