@@ -1,30 +1,54 @@
-"""`no_host_sync()`: fail if the code inside runs a torch op that, on a GPU, makes the host wait for the
-device (a scalar read-back, or an output whose size depends on the data). Works on CPU tensors: it
-watches the ops through a TorchDispatchMode, so tests can check GPU-side behaviour without a GPU."""
+"""Shared test guards for "this code never makes the host wait for the GPU", checkable on CPU tensors:
+
+- `forbid_host_sync` (fixture -> a context manager class): a TorchDispatchMode that fails on the aten
+  ops a host must wait for on a GPU: scalar read-backs (`_local_scalar_dense`, behind `.item()`/`int()`)
+  and outputs whose shape depends on the data (`nonzero`, boolean-mask indexing, `unique`, ...). It also
+  sees what C++ code calls.
+- `forbid_python_syncs` (fixture -> function(patch)): makes the Python-level tensor reads (`.item()`,
+  `.tolist()`, `bool()`, `.cpu()`, ...) raise, on a `monkeypatch.context()`.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNCING_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "bincount", "masked_select", "unique_dim",
-               "_unique", "_unique2", "unique_consecutive", "repeat_interleave"}
+ATEN_SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "argwhere", "masked_select", "bincount",
+                 "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim"}
+INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+PYTHON_READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy", "cpu")
 
 
-def _has_bool_index(args) -> bool:
-    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+def _data_dependent(func, args) -> bool:
+    """Boolean-mask indexing, or repeat_interleave with tensor repeats: the output shape needs the data."""
+    if func.overloadpacket.__name__ in INDEXING_OPS:
+        return any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1])
+    return func is torch.ops.aten.repeat_interleave.Tensor
 
 
-class no_host_sync(TorchDispatchMode):
+class NoHostSync(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in SYNCING_OPS or (name in ("index", "index_put", "index_put_") and _has_bool_index(args)):
-            raise AssertionError(f"host synchronisation: aten.{name}")
+        if func.overloadpacket.__name__ in ATEN_SYNC_OPS or _data_dependent(func, args):
+            raise AssertionError(f"host synchronisation: {func}")
         return func(*args, **(kwargs or {}))
+
+
+def _python_reads_fail(patch) -> None:
+    def fail(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"host synchronisation: {name}")
+        return raiser
+
+    for name in PYTHON_READS:
+        patch.setattr(torch.Tensor, name, fail(f"Tensor.{name}"))
+    patch.setattr(torch, "nonzero", fail("torch.nonzero"))
 
 
 @pytest.fixture
 def forbid_host_sync():
-    """The `no_host_sync` context manager (a fixture, so every test folder can use it)."""
-    return no_host_sync
+    return NoHostSync
+
+
+@pytest.fixture
+def forbid_python_syncs():
+    return _python_reads_fail

@@ -9,44 +9,10 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from rtpurbo_train.export.remote_code.modeling_rtpurbo import select_blocks, select_blocks_decode
 
 from .tiny_sparse import random_ids, remote_model
-
-ATEN_SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "argwhere", "masked_select", "unique",
-                 "_unique", "_unique2", "unique_consecutive", "unique_dim"}
-
-
-INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
-
-
-def _data_dependent(func, args) -> bool:
-    """Boolean-mask indexing, or repeat_interleave with tensor repeats: the output shape needs the data."""
-    if func.overloadpacket.__name__ in INDEXING_OPS:
-        return any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1])
-    return func is torch.ops.aten.repeat_interleave.Tensor
-
-
-class NoHostSync(TorchDispatchMode):
-    """Fails on aten ops whose result the host must wait for (scalars, data-dependent shapes)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ATEN_SYNC_OPS or _data_dependent(func, args):
-            raise AssertionError(f"host sync in the decode step: {func}")
-        return func(*args, **(kwargs or {}))
-
-
-def _forbid_python_syncs(monkeypatch):
-    def fail(name):
-        def raiser(*args, **kwargs):
-            raise AssertionError(f"host sync in the decode step: {name}")
-        return raiser
-
-    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy", "cpu"):
-        monkeypatch.setattr(torch.Tensor, name, fail(f"Tensor.{name}"))
-    monkeypatch.setattr(torch, "nonzero", fail("torch.nonzero"))
 
 
 @pytest.mark.parametrize("kv_heads,retrieval,settings", [
@@ -55,7 +21,8 @@ def _forbid_python_syncs(monkeypatch):
     (2, (0, 1), {"top_p": 0.6}),  # retrieval heads only
     (2, (1,), {"top_p": 0.6, "seqlen_threshold": 1000}),  # a short prompt: dense mode
 ])
-def test_decode_steps_do_not_sync_and_match_the_no_cache_forward(monkeypatch, kv_heads, retrieval, settings):
+def test_decode_steps_do_not_sync_and_match_the_no_cache_forward(monkeypatch, forbid_host_sync, forbid_python_syncs,
+                                                                 kv_heads, retrieval, settings):
     # One layer: every cached step then equals the no-cache forward over its prefix (test_sparse_decode.py).
     model = remote_model(layers=1, heads=2 * kv_heads, kv_heads=kv_heads, retrieval=retrieval, **settings)
     ids = random_ids(52, seed=4)
@@ -66,8 +33,8 @@ def test_decode_steps_do_not_sync_and_match_the_no_cache_forward(monkeypatch, kv
     with torch.no_grad():
         model(ids[:, :5], past_key_values=cache)
         with monkeypatch.context() as patch:
-            _forbid_python_syncs(patch)
-            with NoHostSync():
+            forbid_python_syncs(patch)
+            with forbid_host_sync():
                 got = [model(ids[:, t:t + 1], past_key_values=cache, attention_mask=torch.ones(1, t + 1, dtype=torch.long),
                              logits_to_keep=1).logits[:, -1] for t in steps]
         for t, logits in zip(steps, got):
@@ -76,12 +43,12 @@ def test_decode_steps_do_not_sync_and_match_the_no_cache_forward(monkeypatch, kv
     assert cache.mode == ("dense" if "seqlen_threshold" in settings else "sparse")
 
 
-def test_sync_guard_catches_a_sync(monkeypatch):
+def test_sync_guard_catches_a_sync(monkeypatch, forbid_host_sync, forbid_python_syncs):
     x = torch.tensor([0.0, 1.0])
-    with NoHostSync(), pytest.raises(AssertionError, match="host sync"):
+    with forbid_host_sync(), pytest.raises(AssertionError, match="host sync"):
         x[x > 0]
     with monkeypatch.context() as patch:
-        _forbid_python_syncs(patch)
+        forbid_python_syncs(patch)
         with pytest.raises(AssertionError, match="host sync"):
             x.sum().item()
 
@@ -177,3 +144,35 @@ def test_select_blocks_decode_equals_select_blocks(overrides):
         mass = mass / mass.sum(-1, keepdim=True).clamp(min=1)
         want = select_blocks(mass[:, :, None], torch.tensor([nkb - 1]), s)[:, :, 0]
         assert torch.equal(select_blocks_decode(mass, nkb - 1, s), want)
+
+
+def test_kernel_prefill_queues_without_host_sync(forbid_host_sync):
+    # The exported prefill with rtpurbo_kernels: selection, merge into one block index, kv windows.
+    import rtpurbo_kernels
+    from types import SimpleNamespace
+
+    from rtpurbo_train.export.remote_code.modeling_rtpurbo import kernel_prefill
+
+    model = remote_model(layers=1, heads=4, kv_heads=2, retrieval=(1,), top_p=0.6)
+    attn = model.model.layers[0].self_attn
+    s, heads = attn.rtpurbo_settings, attn.rtpurbo_heads
+    B, T, D, d = 1, 150, s.head_dim, attn.indexer.wk.weight.shape[0] // heads.count("kv")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, T, D, generator=gen) for h in (4, 2, 2))
+    qi, ki = torch.randn(B, 1, 2, T, d, generator=gen), torch.randn(B, 1, T, d, generator=gen)
+    seen = {}
+
+    def attention(q, k, v, idx, cnt, **kw):
+        seen.update(idx=idx, cnt=cnt, kv_window=kw["kv_window"])
+        return torch.zeros_like(q), None
+
+    select = lambda *a, **kw: rtpurbo_kernels.indexer_block_select(*a, **{**kw, "backend": "reference"})  # noqa: E731
+    kern = SimpleNamespace(indexer_block_select=select, block_sparse_attention=attention)
+    with forbid_host_sync():
+        kernel_prefill(kern, q, k, v, qi, ki, heads, s, D ** -0.5, "reference")
+    assert seen["kv_window"].tolist() == [s.window, 0]  # head 1 is the retrieval head: no window
+    nqb = -(-T // s.block_size)
+    for h in range(2):
+        for qb in range(nqb):
+            blocks = seen["idx"][0, h, qb, :seen["cnt"][0, h, qb]].tolist()
+            assert blocks == sorted(set(blocks)) and all(0 <= kb <= qb for kb in blocks) and qb in blocks

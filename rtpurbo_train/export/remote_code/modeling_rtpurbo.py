@@ -274,11 +274,19 @@ def _kernels():
     return importlib.import_module("rtpurbo_kernels")
 
 
+# Up to this many blocks the index is as wide as the mask: no device sync to find the widest row.
+MAX_STATIC_WIDTH = 1024
+
+
 def _mask_to_block_index(mask: torch.Tensor):
-    """bool [..., N] -> (idx int32 [..., MAXB] ascending, -1 padded; cnt int32 [...]) (INTERFACES.md layout)."""
+    """bool [..., N] -> (idx int32 [..., MAXB] ascending, -1 padded; cnt int32 [...]) (INTERFACES.md layout).
+    MAXB = N for N <= MAX_STATIC_WIDTH, else the widest row (read back from the device)."""
     n = mask.shape[-1]
     cnt = mask.sum(-1)
-    maxb = max(1, int(cnt.max())) if cnt.numel() else 1
+    if n <= MAX_STATIC_WIDTH:
+        maxb = max(1, n)
+    else:
+        maxb = max(1, int(cnt.max())) if cnt.numel() else 1
     keyed = torch.where(mask, torch.arange(n, device=mask.device), n)
     idx = torch.sort(keyed, dim=-1).values[..., :maxb]
     return torch.where(idx == n, -1, idx).to(torch.int32).contiguous(), cnt.to(torch.int32)
@@ -309,10 +317,9 @@ def kernel_prefill(kern, q, k, v, qi, ki, heads: "LayerHeads", s: RTPurboSparsit
         valid = torch.arange(r_idx.shape[-1], device=q.device) < r_cnt[..., None]
         target = torch.where(valid, r_idx.long(), nqb)
         r_mask = torch.zeros(B, Hr, nqb, nqb + 1, dtype=torch.bool, device=q.device).scatter_(-1, target, True)
-        mask[:, ret] = r_mask[..., :nqb]
+        mask.index_copy_(1, ret, r_mask[..., :nqb])  # not mask[:, ret] = ...: that waits for the GPU
     idx, cnt = _mask_to_block_index(mask)
-    kv_window = torch.full((Hkv,), s.window, dtype=torch.int32, device=q.device)
-    kv_window[ret] = 0
+    kv_window = torch.full((Hkv,), s.window, dtype=torch.int32, device=q.device).index_fill_(0, ret, 0)
     out, _ = kern.block_sparse_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, cnt, kv_window=kv_window,
         sink_tokens=s.sink_tokens, sm_scale=scaling, block_size=s.block_size, backend=backend)
