@@ -63,7 +63,7 @@ def stage_config(kind: str, args):
     from rtpurbo_train.config.stages import LossWeights
 
     losses = LossWeights(indexer_kl=1.0) if kind == "indexer_warmup" else LossWeights(distill=1.0, indexer_kl=1.0)
-    return SimpleNamespace(type=kind, losses=losses, distill_topk=10, micro_batch_size=1, grad_accum=1,
+    return SimpleNamespace(type=kind, losses=losses, distill_topk=10, micro_batch_size=args.micro_batch, grad_accum=1,
                            grad_clip=1.0, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, steps=10 ** 6,
                            warmup_steps=0, min_lr_ratio=1.0)
 
@@ -98,7 +98,7 @@ def measure_stage(kind, model, teacher, runtime, args, device, lines):
     use_teacher = teacher if stage.losses.distill else None
 
     def micro_batch(step):
-        ids = torch.randint(0, vocab, (1, args.seq_len), generator=gen).to(device)
+        ids = torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=gen).to(device)
         runtime.begin_step(step)
         loss, _ = micro_batch_losses(engine, use_teacher, runtime, {"input_ids": ids, "labels": ids}, stage)
         engine.backward(loss)
@@ -111,8 +111,9 @@ def measure_stage(kind, model, teacher, runtime, args, device, lines):
     for step in range(args.iters):
         times.append(timed_ms(lambda: micro_batch(args.warmup + step), device))
     ms = statistics.median(times)
-    lines.append(f"## {kind}\n\nmicro-batch of {args.seq_len} tokens: median {ms:.1f} ms over {args.iters} "
-                 f"(min {min(times):.1f}, max {max(times):.1f}); {args.seq_len / ms * 1e3:,.0f} tokens/s\n")
+    tokens = args.micro_batch * args.seq_len
+    lines.append(f"## {kind}\n\nmicro-batch of {args.micro_batch} x {args.seq_len} tokens: median {ms:.1f} ms over "
+                 f"{args.iters} (min {min(times):.1f}, max {max(times):.1f}); {tokens / ms * 1e3:,.0f} tokens/s\n")
 
     syncs = collections.Counter()
     cuda = device.type == "cuda"
@@ -175,6 +176,7 @@ def timed_ms(fn, device) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
