@@ -33,9 +33,15 @@ def validate_sequence_parallel(recipe, config, world_size: int) -> None:
                         f"(data parallel = world / SP must be whole)")
     q, kv = head_counts(config)
     name = recipe.model.name_or_path
+    valid = ", ".join(map(str, valid_sp_sizes(q, kv)))
     if q % sp:
         raise UserError(f"parallel.sequence_parallel_size {sp}: model {name} has {q} query heads, not divisible by "
-                        f"{sp} (Ulysses gives each rank heads/SP query heads); valid SP sizes divide {q}")
+                        f"{sp} (Ulysses gives each rank heads/SP query heads); valid SP sizes for it: {valid}")
     if kv % sp and sp % kv:
         raise UserError(f"parallel.sequence_parallel_size {sp}: model {name} has {kv} KV heads; SP must divide "
-                        f"them or be a multiple of them")
+                        f"them or be a multiple of them; valid SP sizes for it: {valid}")
+
+
+def valid_sp_sizes(q: int, kv: int) -> list[int]:
+    """SP sizes a model with q query and kv KV heads can run."""
+    return [s for s in range(1, q + 1) if q % s == 0 and (kv % s == 0 or s % kv == 0)]

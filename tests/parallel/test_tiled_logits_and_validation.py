@@ -60,7 +60,7 @@ def _recipe(*sets):
 
 def test_sequence_parallel_validation_errors():
     config = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3)  # SmolLM2-135M's heads
-    with pytest.raises(UserError, match="9 query heads, not divisible by 2"):
+    with pytest.raises(UserError, match="9 query heads, not divisible by 2.*valid SP sizes for it: 1, 3, 9"):
         validate_sequence_parallel(_recipe("parallel.sequence_parallel_size=2"), config, 2)
     with pytest.raises(UserError, match="does not divide the world size 2"):
         validate_sequence_parallel(_recipe("parallel.sequence_parallel_size=4"), config, 2)
@@ -75,3 +75,10 @@ def test_sequence_parallel_validation_errors():
         _recipe("parallel.sequence_parallel_size=3")
     with pytest.raises(UserError, match="same micro_batch_size"):
         _recipe("parallel.sequence_parallel_size=2", "stages.1.micro_batch_size=2")
+
+
+def test_valid_sp_sizes_follow_the_ulysses_head_rules():
+    from rtpurbo_train.parallel.validate import valid_sp_sizes
+    assert valid_sp_sizes(9, 3) == [1, 3, 9]  # SmolLM2-135M
+    assert valid_sp_sizes(12, 2) == [1, 2, 4, 6, 12]  # Qwen2-1.5B: 4 and 6 replicate the 2 KV heads
+    assert valid_sp_sizes(28, 4) == [1, 2, 4, 28]  # Qwen2-7B: 7 and 14 split the query heads but not the KV heads
