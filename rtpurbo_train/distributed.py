@@ -1,6 +1,7 @@
 """Process-group helpers: NCCL on GPUs, gloo on CPU; everything degrades to one process."""
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -28,11 +29,25 @@ def init(timeout_minutes: int = 30) -> torch.device:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         return device
+    _remove_shm_buffer_at_exit()
     if "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks of one host share its cores; more threads than cores makes every rank slower
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
     return torch.device("cpu")
+
+
+def _remove_shm_buffer_at_exit() -> None:
+    """DeepSpeed's CPU all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates a 69 MB /dev/shm segment
+    per rank and never removes it: a few dozen CPU runs fill /dev/shm and the next one is OOM-killed.
+    Remove this rank's at exit (the other ranks' mappings stay valid)."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{rank()}")
+    def remove():
+        if os.path.exists(name):
+            os.remove(name)
+
+    atexit.register(remove)
 
 
 def _quiet() -> None:

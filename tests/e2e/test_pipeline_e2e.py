@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +16,17 @@ from .helpers import REPO, TINY, deepspeed_cmd, env, losses_by_step, metrics, ru
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "run"
-    proc = run(deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out)), timeout=900)
+    cmd = deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out))
+    proc = run(cmd, timeout=900)
+    proc.master_port = cmd[cmd.index("--master_port") + 1]
     return out, proc
+
+
+def test_cpu_ranks_leave_no_shared_memory_behind(full_run):
+    # DeepSpeed's CPU all-reduce makes a 69 MB /dev/shm segment per rank; distributed.init removes it at exit.
+    _, proc = full_run
+    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"))
+    assert not left, left
 
 
 def test_two_rank_run_writes_the_output_contract(full_run):
