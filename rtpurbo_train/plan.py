@@ -63,6 +63,9 @@ class SparsityPlan(BaseModel):
     # Per layer, a permutation of KV heads applied to the weights (sequence-parallel balancing);
     # None when heads are in their original order.
     kv_head_permutation: Optional[list[list[int]]] = None
+    # KV heads appended with zero weights so sequence parallelism can split the model
+    # (parallel/head_padding.py): the last ones of `model`, always streaming; export removes them.
+    padded_kv_heads: int = Field(0, ge=0)
     layers: list[LayerPlan]
 
     @model_validator(mode="after")
@@ -78,7 +81,32 @@ class SparsityPlan(BaseModel):
                 raise ValueError(f"layer {i}: {len(layer.q_scores)} q_scores for {m.num_q_heads} query heads")
             if layer.kv_scores and len(layer.kv_scores) != m.num_kv_heads:
                 raise ValueError(f"layer {i}: {len(layer.kv_scores)} kv_scores for {m.num_kv_heads} KV heads")
+            if heads and heads[-1] >= m.num_kv_heads - self.padded_kv_heads:
+                raise ValueError(f"layer {i}: retrieval head {heads[-1]} is a padded (zero) head")
         return self
+
+    # ---- head padding (sequence parallelism) -----------------------------------------------------
+    def with_padding(self, extra: int) -> "SparsityPlan":
+        """This plan for the model with `extra` zero KV heads appended (streaming, scores 0)."""
+        m, g = self.model, self.model.group
+        layout = m.model_copy(update={"num_kv_heads": m.num_kv_heads + extra, "num_q_heads": m.num_q_heads + extra * g})
+        layers = [layer.model_copy(update={"q_scores": layer.q_scores and layer.q_scores + [0.0] * (extra * g),
+                                           "kv_scores": layer.kv_scores and layer.kv_scores + [0.0] * extra})
+                  for layer in self.layers]
+        return self.model_validate({**self.model_dump(), "model": layout.model_dump(), "padded_kv_heads":
+                                    self.padded_kv_heads + extra, "layers": [lp.model_dump() for lp in layers]})
+
+    def without_padding(self) -> "SparsityPlan":
+        """The plan of the model with its padded heads removed (head order must be the original one)."""
+        if self.kv_head_permutation is not None:
+            raise ValueError("undo the KV-head permutation before removing padded heads")
+        extra, m, g = self.padded_kv_heads, self.model, self.model.group
+        layout = m.model_copy(update={"num_kv_heads": m.num_kv_heads - extra, "num_q_heads": m.num_q_heads - extra * g})
+        layers = [layer.model_copy(update={"q_scores": layer.q_scores[:layout.num_q_heads],
+                                           "kv_scores": layer.kv_scores[:layout.num_kv_heads]})
+                  for layer in self.layers]
+        return self.model_validate({**self.model_dump(), "model": layout.model_dump(), "padded_kv_heads": 0,
+                                    "layers": [lp.model_dump() for lp in layers]})
 
     # ---- queries -------------------------------------------------------------------------------
     def retrieval_kv_heads(self, layer: int) -> list[int]:
@@ -103,7 +131,7 @@ class SparsityPlan(BaseModel):
 
     def kv_cache_fraction(self, seq_len: int) -> float:
         """KV-cache bytes of the sparse model over those of the dense model at `seq_len` tokens."""
-        total = self.model.num_layers * self.model.num_kv_heads
+        total = self.model.num_layers * (self.model.num_kv_heads - self.padded_kv_heads)  # padding is not kept
         ret = self.num_retrieval_kv_heads()
         streaming_len = min(seq_len, self.sink_tokens + self.window)
         return (ret * seq_len + (total - ret) * streaming_len) / (total * seq_len)
@@ -165,7 +193,9 @@ class SparsityPlan(BaseModel):
         lines = [
             f"sparsity plan: {m.num_layers} layers x {m.num_kv_heads} KV heads (group {m.group}), "
             f"{self.num_retrieval_kv_heads()} retrieval KV heads "
-            f"({100.0 * self.num_retrieval_kv_heads() / (m.num_layers * m.num_kv_heads):.1f}%)",
+            f"({100.0 * self.num_retrieval_kv_heads() / (m.num_layers * m.num_kv_heads):.1f}%)"
+            + (f"; the last {self.padded_kv_heads} KV heads are zero padding for sequence parallelism"
+               if self.padded_kv_heads else ""),
             f"  streaming: sink {self.sink_tokens} + window {self.window}; retrieval: indexer dim {self.indexer_dim}, "
             + (f"top-k {self.top_k}" if self.top_k else f"top-p {self.top_p}") + f", block {self.block_size}",
             "  layer  retrieval KV heads  max score",

@@ -31,6 +31,8 @@ class DeepSpeedSettings(Strict):
 
 class ParallelSettings(Strict):
     sequence_parallel_size: int = Field(1, gt=0)
+    pad_heads: bool = Field(False, description="when SP cannot split the model's heads, append zero-weight KV "
+                            "heads (an exact change; export removes them) instead of stopping with an error")
 
 
 class LoggingSettings(Strict):

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..plan import SparsityPlan
+from ..parallel.head_padding import strip_kv_heads
 from .head_permutation import undo_kv_head_permutation
 from .hf_config import add_rtpurbo_to_config
 from .model_copy import merged_cpu_model
@@ -134,6 +135,9 @@ def export_model(model, tokenizer, plan: SparsityPlan, out_dir, *, dtype="bfloat
         undo_kv_head_permutation(attention, indexer, [plan.retrieval_kv_heads(i) for i in range(len(attention))],
                                  plan.kv_head_permutation, plan.model.group, plan.model.head_dim)
         plan = plan.model_copy(update={"kv_head_permutation": None})
+    if plan.padded_kv_heads:  # zero heads added for sequence parallelism: the last ones, never retrieval heads
+        strip_kv_heads(attention, copy.config, plan.padded_kv_heads, plan.model.group, plan.model.head_dim)
+        plan = plan.without_padding()
     copy.to(target_dtype)
     indexer = {name: t.to(target_dtype).contiguous() for name, t in indexer.items()}
 

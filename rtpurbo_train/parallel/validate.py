@@ -31,15 +31,18 @@ def validate_sequence_parallel(recipe, config, world_size: int) -> None:
     if world_size % sp:
         raise UserError(f"parallel.sequence_parallel_size {sp} does not divide the world size {world_size} "
                         f"(data parallel = world / SP must be whole)")
+    if recipe.parallel.pad_heads:
+        return  # zero KV heads make any head count splittable (parallel/head_padding.py)
     q, kv = head_counts(config)
     name = recipe.model.name_or_path
-    valid = ", ".join(map(str, valid_sp_sizes(q, kv)))
+    hint = (f"valid SP sizes for it: {', '.join(map(str, valid_sp_sizes(q, kv)))}; or set parallel.pad_heads=true "
+            "to append zero-weight heads")
     if q % sp:
         raise UserError(f"parallel.sequence_parallel_size {sp}: model {name} has {q} query heads, not divisible by "
-                        f"{sp} (Ulysses gives each rank heads/SP query heads); valid SP sizes for it: {valid}")
+                        f"{sp} (Ulysses gives each rank heads/SP query heads); {hint}")
     if kv % sp and sp % kv:
         raise UserError(f"parallel.sequence_parallel_size {sp}: model {name} has {kv} KV heads; SP must divide "
-                        f"them or be a multiple of them; valid SP sizes for it: {valid}")
+                        f"them or be a multiple of them; {hint}")
 
 
 def valid_sp_sizes(q: int, kv: int) -> list[int]:

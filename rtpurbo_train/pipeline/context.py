@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..models import load_model
 from ..parallel import apply_kv_head_permutation, balanced_kv_head_permutation, validate_sequence_parallel
 from ..parallel.head_balance import retrieval_per_rank
+from ..parallel.head_padding import kv_heads_to_add, pad_kv_heads
 from ..parallel.sp_loader import SequenceParallelLoader, shard_eval_batches
 from ..parallel.ulysses import enable_sequence_parallel, route_dense_teacher
 from ..plan import HeadLayout, SparsityPlan
@@ -33,6 +34,7 @@ class RunContext:
     plan: SparsityPlan | None = None
     runtime: object = None
     sp: object = None  # parallel.ulysses.SequenceParallel once a plan is attached with SP > 1
+    padded_kv_heads: int = 0  # zero KV heads appended to ctx.model's layers (parallel/head_padding.py)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -64,6 +66,10 @@ class RunContext:
         if self.device.type == "cuda":
             teacher = teacher.to(torch.bfloat16)
         teacher.eval().requires_grad_(False)
+        if self.plan.padded_kv_heads:  # the same head layout as the student
+            from ..attention import attention_modules
+            pad_kv_heads(attention_modules(teacher), teacher.config, self.plan.padded_kv_heads, self.plan.model.group,
+                         self.plan.model.head_dim)
         route_dense_teacher(teacher, self.plan, self.sp, self.recipe.sparsity.backend)
         return teacher
 
@@ -76,6 +82,7 @@ class RunContext:
         self.ensure_model()
         plan = plan.model_copy(update=self.plan_settings())
         plan = SparsityPlan.model_validate(plan.model_dump())
+        plan = self._pad_heads(plan)
         try:
             plan.check_model(self.model.config)
         except ValueError as err:
@@ -90,6 +97,24 @@ class RunContext:
                                       plan.model.head_dim)
         self._attach()
         self.monitor.info(plan.summary())
+
+    def _pad_heads(self, plan: SparsityPlan) -> SparsityPlan:
+        """With parallel.pad_heads and an SP size the heads do not allow: append zero KV heads to the plan
+        and the model. A plan saved by an earlier launch of the run already says how many."""
+        extra = plan.padded_kv_heads
+        if not extra and self.sp_size > 1 and self.recipe.parallel.pad_heads:
+            extra = kv_heads_to_add(plan.model.num_q_heads, plan.model.num_kv_heads, self.sp_size)
+            if extra:
+                plan = plan.with_padding(extra)
+                self.monitor.info(f"sequence parallel {self.sp_size}: {extra} zero KV head(s) appended per layer "
+                                  f"-> {plan.model.num_q_heads} query / {plan.model.num_kv_heads} KV heads "
+                                  "(exact; export removes them)")
+        if extra != self.padded_kv_heads:
+            from ..attention import attention_modules
+            pad_kv_heads(attention_modules(self.model), self.model.config, extra - self.padded_kv_heads,
+                         plan.model.group, plan.model.head_dim)
+            self.padded_kv_heads = extra
+        return plan
 
     def _balance_heads(self, plan: SparsityPlan) -> SparsityPlan:
         """Under SP, permute KV heads so each rank holds the same number of retrieval heads. A plan that

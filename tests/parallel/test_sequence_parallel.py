@@ -46,3 +46,31 @@ def test_two_rank_pipeline_runs_with_sequence_parallel_2(tmp_path):
         assert all(m[key] == m[key] and m[key] >= 0 for m in rows), key
     plan = json.loads((out / "plan.json").read_text())
     assert plan["model"]["num_kv_heads"] == 2
+
+
+def test_two_rank_pipeline_pads_heads_that_sp_cannot_split(tmp_path):
+    """3 KV heads at SP 2 with parallel.pad_heads: one zero KV head per layer is appended, stays exactly
+    zero through training (AdamW, weight decay), and export removes it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    heads = "{hidden_size: 384, num_attention_heads: 6, num_key_value_heads: 3, head_dim: 64}"
+    proc = run(deepspeed_cmd(2, "--recipe", str(TINY), "--output-dir", str(out), "--set", f"model.overrides={heads}",
+                             "--set", "parallel.sequence_parallel_size=2", "--set", "parallel.pad_heads=true"),
+               timeout=900)
+    assert "1 zero KV head(s) appended per layer -> 8 query / 4 KV heads" in proc.stdout
+    assert (out / "DONE").is_file()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["padded_kv_heads"] == 1 and plan["model"]["num_kv_heads"] == 4
+    weights = load_file(str(out / "checkpoints" / "2-sparse_train" / "final" / "model.safetensors"))
+    perm = plan["kv_head_permutation"] or [[0, 1, 2, 3]] * 2
+    for layer, order in enumerate(perm):
+        slot, group, dim = order.index(3), 2, 64  # where the padded head (original number 3) is stored
+        attn = f"model.layers.{layer}.self_attn"
+        assert weights[f"{attn}.q_proj.weight"][slot * group * dim:(slot + 1) * group * dim].abs().max() == 0
+        assert weights[f"{attn}.k_proj.weight"][slot * dim:(slot + 1) * dim].abs().max() == 0
+        assert weights[f"{attn}.v_proj.weight"][slot * dim:(slot + 1) * dim].abs().max() == 0
+        assert weights[f"{attn}.o_proj.weight"][:, slot * group * dim:(slot + 1) * group * dim].abs().max() == 0
+    config = json.loads((out / "export" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (6, 3)
+    assert json.loads((out / "export" / "plan.json").read_text())["padded_kv_heads"] == 0
