@@ -6,6 +6,17 @@ from __future__ import annotations
 import torch
 
 
+# Up to this many blocks (64K tokens at block 64) an index as wide as the mask costs a few MB and saves
+# the device sync that finding the widest row takes; longer inputs are sized exactly.
+MAX_STATIC_WIDTH = 1024
+
+
+def sync_free_width(num_blocks: int) -> int | None:
+    """A `width` for block_index_from_mask that needs no device sync: the mask's width when it is small
+    enough, else None (exact width)."""
+    return num_blocks if num_blocks <= MAX_STATIC_WIDTH else None
+
+
 def block_index_from_mask(block_mask: torch.Tensor, min_width: int = 1, width: int | None = None):
     """bool [..., NKB] -> (block_idx int32 [..., MAXB], block_cnt int32 [...]).
 

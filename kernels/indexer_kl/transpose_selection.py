@@ -1,8 +1,7 @@
 """Selection lists seen from the key side, for the dki backward of the sparse KL."""
 import torch
 
-from ..indexer_select.select import MAX_STATIC_WIDTH
-from ..layout import block_index_from_mask, mask_from_block_index
+from ..layout import block_index_from_mask, mask_from_block_index, sync_free_width
 
 
 def query_blocks_per_key_block(block_idx, block_cnt, num_blocks):
@@ -11,5 +10,4 @@ def query_blocks_per_key_block(block_idx, block_cnt, num_blocks):
     ascending, -1 padded (the same layout as block_idx, transposed)."""
     mask = mask_from_block_index(block_idx, block_cnt, num_blocks)  # [B, Hkv, qb, kb]
     causal = torch.ones(num_blocks, num_blocks, dtype=torch.bool, device=mask.device).tril()
-    width = num_blocks if num_blocks <= MAX_STATIC_WIDTH else None  # no device sync on short inputs
-    return block_index_from_mask((mask & causal).transpose(-1, -2), width=width)
+    return block_index_from_mask((mask & causal).transpose(-1, -2), width=sync_free_width(num_blocks))

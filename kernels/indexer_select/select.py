@@ -5,7 +5,7 @@ works on the small [B, Hkv, NQB, NQB] mass tensor with sort + cumsum, on the ten
 """
 import torch
 
-from ..layout import block_index_from_mask, mask_from_block_index  # noqa: F401 (re-exported)
+from ..layout import block_index_from_mask, mask_from_block_index, sync_free_width  # noqa: F401 (re-exported)
 
 
 def select_blocks_from_mass(mass, *, top_p=0.9, top_k=None, sink_blocks=1, local_blocks=2):
@@ -41,18 +41,6 @@ def select_blocks_from_mass(mass, *, top_p=0.9, top_k=None, sink_blocks=1, local
         chosen = torch.zeros(mass.shape, dtype=torch.bool, device=dev).scatter_(-1, order, keep)
     forced = (kb < sink_blocks) | (kb > qb - local_blocks)
     selected = (chosen | forced) & causal
-    return block_index_from_mask(selected, width=static_width(nqb, top_p, top_k, sink_blocks, local_blocks))
-
-
-# Up to this many query blocks (64K tokens at block 64) a top-p selection's index is as wide as the
-# causal range: a few MB, and no device sync to find the widest row. Longer inputs size it exactly.
-MAX_STATIC_WIDTH = 1024
-
-
-def static_width(nqb, top_p, top_k, sink_blocks, local_blocks) -> int | None:
-    """An upper bound of the selected blocks per row known without looking at the data, or None."""
-    if top_k is not None:
-        return min(nqb, int(top_k) + sink_blocks + local_blocks)
-    return nqb if nqb <= MAX_STATIC_WIDTH else None
-
-
+    # MAXB known without reading the data (no device sync): top-k bounds it, else the causal range
+    width = min(nqb, int(top_k) + sink_blocks + local_blocks) if top_k is not None else sync_free_width(nqb)
+    return block_index_from_mask(selected, width=width)
