@@ -43,6 +43,7 @@ def _remove_shm_buffer_at_exit() -> None:
     Remove this rank's at exit (the other ranks' mappings stay valid)."""
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
             f"{os.environ['MASTER_PORT']}_{rank()}")
+
     def remove():
         if os.path.exists(name):
             os.remove(name)

@@ -88,25 +88,26 @@ class SparsityPlan(BaseModel):
     # ---- head padding (sequence parallelism) -----------------------------------------------------
     def with_padding(self, extra: int) -> "SparsityPlan":
         """This plan for the model with `extra` zero KV heads appended (streaming, scores 0)."""
-        m, g = self.model, self.model.group
-        layout = m.model_copy(update={"num_kv_heads": m.num_kv_heads + extra, "num_q_heads": m.num_q_heads + extra * g})
-        layers = [layer.model_copy(update={"q_scores": layer.q_scores and layer.q_scores + [0.0] * (extra * g),
-                                           "kv_scores": layer.kv_scores and layer.kv_scores + [0.0] * extra})
-                  for layer in self.layers]
-        return self.model_validate({**self.model_dump(), "model": layout.model_dump(), "padded_kv_heads":
-                                    self.padded_kv_heads + extra, "layers": [lp.model_dump() for lp in layers]})
+        return self._with_kv_heads(self.model.num_kv_heads + extra, self.padded_kv_heads + extra)
 
     def without_padding(self) -> "SparsityPlan":
         """The plan of the model with its padded heads removed (head order must be the original one)."""
         if self.kv_head_permutation is not None:
             raise ValueError("undo the KV-head permutation before removing padded heads")
-        extra, m, g = self.padded_kv_heads, self.model, self.model.group
-        layout = m.model_copy(update={"num_kv_heads": m.num_kv_heads - extra, "num_q_heads": m.num_q_heads - extra * g})
-        layers = [layer.model_copy(update={"q_scores": layer.q_scores[:layout.num_q_heads],
-                                           "kv_scores": layer.kv_scores[:layout.num_kv_heads]})
+        return self._with_kv_heads(self.model.num_kv_heads - self.padded_kv_heads, 0)
+
+    def _with_kv_heads(self, num_kv: int, padded: int) -> "SparsityPlan":
+        """The last KV heads cut off or zero-score heads appended, up to `num_kv` (retrieval heads unchanged)."""
+        num_q = num_kv * self.model.group
+
+        def fit(scores: list[float], n: int) -> list[float]:
+            return scores and scores[:n] + [0.0] * (n - len(scores))
+
+        layout = self.model.model_copy(update={"num_kv_heads": num_kv, "num_q_heads": num_q})
+        layers = [{**layer.model_dump(), "q_scores": fit(layer.q_scores, num_q), "kv_scores": fit(layer.kv_scores, num_kv)}
                   for layer in self.layers]
-        return self.model_validate({**self.model_dump(), "model": layout.model_dump(), "padded_kv_heads": 0,
-                                    "layers": [lp.model_dump() for lp in layers]})
+        return self.model_validate({**self.model_dump(), "model": layout.model_dump(), "padded_kv_heads": padded,
+                                    "layers": layers})
 
     # ---- queries -------------------------------------------------------------------------------
     def retrieval_kv_heads(self, layer: int) -> list[int]:

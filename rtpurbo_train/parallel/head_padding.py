@@ -26,23 +26,24 @@ def kv_heads_to_add(num_q_heads: int, num_kv_heads: int, sp: int) -> int:
         extra += 1
 
 
-def _resize_rows(linear: nn.Linear, rows: int) -> None:
-    """Keep the first `rows` output rows, or append zero rows up to `rows`."""
-    def fit(t: torch.Tensor) -> torch.Tensor:
-        if rows <= t.shape[0]:
-            return t[:rows].clone()
-        return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+def _fit(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """The first `size` entries of t along `dim`, zeros appended where t has fewer."""
+    if size <= t.shape[dim]:
+        return t.narrow(dim, 0, size).clone()
+    pad = list(t.shape)
+    pad[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(pad)], dim)
 
-    linear.weight = nn.Parameter(fit(linear.weight.data), requires_grad=linear.weight.requires_grad)
+
+def _resize_rows(linear: nn.Linear, rows: int) -> None:
+    linear.weight = nn.Parameter(_fit(linear.weight.data, rows, 0), requires_grad=linear.weight.requires_grad)
     if linear.bias is not None:
-        linear.bias = nn.Parameter(fit(linear.bias.data), requires_grad=linear.bias.requires_grad)
+        linear.bias = nn.Parameter(_fit(linear.bias.data, rows, 0), requires_grad=linear.bias.requires_grad)
     linear.out_features = rows
 
 
 def _resize_columns(linear: nn.Linear, columns: int) -> None:
-    w = linear.weight.data
-    new = w[:, :columns].clone() if columns <= w.shape[1] else torch.cat([w, w.new_zeros(w.shape[0], columns - w.shape[1])], 1)
-    linear.weight = nn.Parameter(new, requires_grad=linear.weight.requires_grad)
+    linear.weight = nn.Parameter(_fit(linear.weight.data, columns, 1), requires_grad=linear.weight.requires_grad)
     linear.in_features = columns
 
 
