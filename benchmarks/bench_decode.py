@@ -19,13 +19,13 @@ with the all-ones attention mask generate() passes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
+
+from result_file import emit, provenance
 
 
 # Each shape: the config class and its fields (None: the byte tokenizer's vocabulary), window and prompt.
@@ -140,19 +140,13 @@ def main(argv=None):
             torch.cuda.empty_cache() if args.device == "cuda" else None
     kv = plan.kv_cache_fraction(args.prompt)
     lines = [f"# Decode, exported sparse model vs dense: {LABELS[args.shape]} shape (random weights), prompt {args.prompt}",
-             "",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: "
-             f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; torch {torch.__version__}",
-             f"- command: `python benchmarks/bench_decode.py {' '.join(argv or sys.argv[1:])}`",
+             "", *provenance("bench_decode.py", argv),
              f"- plan: 15% retrieval KV heads, window {args.window}, sink 4, top-p 0.9; bf16; greedy; batch 1; "
              f"KV cache of the sparse model = {kv:.3f} of dense at {args.prompt} tokens", "",
              "| model | prompt + 1 token (ms) | decode (ms/token) | tokens/s | host sync in a decode step |",
              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {label} | {a:.1f} | {b:.2f} | {c:.1f} | {sync} |" for label, a, b, c, sync in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        open(args.out, "w").write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

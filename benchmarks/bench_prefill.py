@@ -11,10 +11,10 @@ random scores (speed does not depend on which); window and top-p as the default 
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 
 import torch
+
+from result_file import emit, provenance
 
 
 def build(name: str):
@@ -71,18 +71,12 @@ def main(argv=None):
         rows.append((T, cells["full"], cells["sparse"], cells["full"] / cells["sparse"], m.get("sparsity/mean", float("nan"))))
         print(f"T={T}: dense {cells['full']:.1f} ms, sparse {cells['sparse']:.1f} ms, speedup {rows[-1][3]:.2f}x, "
               f"block sparsity {rows[-1][4]:.3f}", flush=True)
-    lines = [f"# Prefill, sparse vs dense: {args.model}", "",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; GPU: {torch.cuda.get_device_name()}; "
-             f"torch {torch.__version__}",
-             f"- command: `python benchmarks/bench_prefill.py {' '.join(argv or sys.argv[1:])}`",
+    lines = [f"# Prefill, sparse vs dense: {args.model}", "", *provenance("bench_prefill.py", argv),
              f"- plan: 15% retrieval KV heads, window {args.window}, sink 4, top-p {args.top_p}, block 64; bf16; "
              "no-cache forward, last-token logits; CUDA-event median", "",
              "| tokens | dense SDPA (ms) | sparse (ms) | speedup | block sparsity |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {T} | {d:.1f} | {s:.1f} | {x:.2f}x | {sp:.3f} |" for T, d, s, x, sp in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        open(args.out, "w").write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import datetime
 import os
 import statistics
 import sys
@@ -30,6 +29,8 @@ from types import SimpleNamespace
 
 import torch
 from torch.autograd import DeviceType
+
+from result_file import emit, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -197,15 +198,10 @@ def main(argv=None):
     device = dist.init()
     model, teacher, runtime = build(args, device)
     lines = [f"# Training micro-batch time, SmolLM2-135M shape, {args.seq_len} tokens\n",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; GPU: "
-             f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}",
-             f"- command: `python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}`\n"]
+             *provenance("bench_train_step.py", argv), ""]
     for kind in args.stages:
         measure_stage(kind, model, teacher, runtime, args, device, lines)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
