@@ -66,7 +66,7 @@ def test_sbatch_trainer_pattern_skips_launcher_processes(tmp_path):
         f"deepspeed.launcher.launch --world_info=e30= --node_rank=%n launch/train.py {rest}",
         f"/venv/bin/python -u -m deepspeed.launcher.launch --node_rank=1 launch/train.py {rest}",
         f"/venv/bin/python -u launch/train.py --local_rank=0 --recipe quickstart --output-dir {OUTPUT_DIR}x",
-        f"/venv/bin/python -u launch/train.py --local_rank=0 --recipe quickstart --output-dir runs/t.1+xx",
+        "/venv/bin/python -u launch/train.py --local_rank=0 --recipe quickstart --output-dir runs/t.1+xx",
     ]
     must_match = [f"/venv/bin/python3.11 -u launch/train.py --local_rank=3 {rest}",
                   f"/venv/bin/python -u launch/train.py --local_rank=0 --recipe q --output-dir {OUTPUT_DIR}"]

@@ -1,5 +1,4 @@
 """User errors: one line on stderr, exit code 2, no traceback, nothing overwritten."""
-import pytest
 
 from .helpers import TINY, python_cmd, run
 
