@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import define_runs  # noqa: E402  (the run names and notes, in order)
+from run import SHORT_NOTE, define_runs  # noqa: E402  (the run names and notes, in order)
 
 TARGET_LENGTH = 8192
 NEEDLE_RATIO, PPL_INCREASE, SPARSITY = 0.98, 0.02, 0.75
@@ -285,8 +285,7 @@ def per_layer_table(ev: dict, plan) -> list[str]:
 
 def ablation_section(runs: list[dict]) -> list[str]:
     lines = ["## Ablations", "",
-             "One row per run. The `short_*` runs share one shortened schedule (warm-up 30 steps x 2 micro-batches, "
-             "sparse 60 x 2, evaluation with 2 prompts per cell at depths 0.1/0.5/0.9 and 4 perplexity documents): "
+             f"One row per run. The `short_*` runs share one {SHORT_NOTE}: "
              "compare them with `short_top_p`, not with `full`. Needle ratio: sparse / dense accuracy over all "
              "prompts (worst length in brackets). Sparsity and recall at 8K (the longest length evaluated when 8K "
              "was not).", ""]

@@ -34,14 +34,15 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_PORT = 29610  # queue i rendezvous on BASE_PORT + i
 
 # The short schedule shared by every ablation (the full run uses the recipe as is).
-SHORT_WARMUP = ["stages.indexer_warmup.steps=30", "stages.indexer_warmup.micro_batch_size=2", "stages.indexer_warmup.grad_accum=1",
-                "stages.indexer_warmup.warmup_steps=3"]
+# Warm-up is cheap (backbone frozen): 100 steps x 4 sequences, so the ablations compare trained indexers.
+SHORT_WARMUP = ["stages.indexer_warmup.steps=100", "stages.indexer_warmup.micro_batch_size=4", "stages.indexer_warmup.grad_accum=1",
+                "stages.indexer_warmup.warmup_steps=10"]
 SHORT_SPARSE = ["stages.sparse_train.steps=60", "stages.sparse_train.micro_batch_size=2", "stages.sparse_train.grad_accum=1",
                 "stages.sparse_train.warmup_steps=5", "stages.sparse_train.eval_every=0"]
 SHORT_EVAL = ["stages.evaluate.samples_per_cell=2", "stages.evaluate.depths=[0.1,0.5,0.9]",
               "stages.evaluate.perplexity_docs=4"]
 SHORT_EVAL_NOTE = "eval 2 prompts/cell at depths 0.1/0.5/0.9, 4 perplexity docs"
-SHORT_NOTE = f"short schedule: warm-up 30 steps x 2 sequences, sparse 60 x 2, {SHORT_EVAL_NOTE}"
+SHORT_NOTE = f"short schedule: warm-up 100 steps x 4 sequences, sparse 60 x 2, {SHORT_EVAL_NOTE}"
 
 
 @dataclass
