@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -235,7 +236,8 @@ def main(argv=None) -> int:
     print(f"plan: {plan.num_retrieval_kv_heads()} retrieval KV heads; indexers: {source}", flush=True)
 
     prompts = build_needle_prompts(tokenizer, args.lengths, args.depths, args.samples, args.seed)
-    results = {"indexers": source, "retrieval_heads": {str(i): plan.retrieval_kv_heads(i) for i in range(plan.model.num_layers)},
+    results = {"command": shlex.join(["python", *sys.argv]), "device": str(args.device), "dtype": "float32",
+               "num_kv_heads": plan.model.num_kv_heads, "window": plan.window, "top_p": plan.top_p, "indexers": source, "retrieval_heads": {str(i): plan.retrieval_kv_heads(i) for i in range(plan.model.num_layers)},
                "variants": {}}
     retrieval_layers = [i for i in range(plan.model.num_layers) if plan.retrieval_kv_heads(i)]
     for name in args.variants:

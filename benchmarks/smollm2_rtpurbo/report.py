@@ -5,7 +5,8 @@
         --md benchmarks/results/smollm2_rtpurbo.md --png-dir benchmarks/results/smollm2_rtpurbo/
 
 Reads, per run: DIR/<name>/{metrics.json, metrics.jsonl, recipe.yaml, plan.json, state.json, DONE},
-DIR/<name>.time.json and DIR/<name>.log (per-stage times), plus DIR/status.json and DIR/environment.json.
+DIR/<name>.time.json and DIR/<name>.log (per-stage times), plus DIR/status.json, DIR/environment.json and
+DIR/diagnose_*.json (diagnose.py).
 Numbers come only from those files; a missing or unfinished run is listed as such.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_diagnosis import diagnosis_section  # noqa: E402
 from run import SHORT_NOTE, define_runs  # noqa: E402  (the run names and notes, in order)
 
 TARGET_LENGTH = 8192
@@ -87,6 +89,10 @@ def missing(x) -> bool:
 
 def pct(x, digits=1) -> str:
     return "-" if missing(x) else f"{100.0 * x:.{digits}f}%"
+
+
+def signed_pct(x, digits=2) -> str:
+    return "-" if missing(x) else f"{100.0 * x:+.{digits}f}%"
 
 
 def num(x, fmt=".3f") -> str:
@@ -167,7 +173,7 @@ def targets(ev: dict) -> dict[str, tuple[str, str]]:
     if "skipped" in ppl or missing(ppl.get("rel_increase")):
         out["ppl"] = ("not measured", ppl.get("skipped", ""))
     else:
-        out["ppl"] = ("PASS" if ppl["rel_increase"] <= PPL_INCREASE else "MISSED", f"+{pct(ppl['rel_increase'], 2)}")
+        out["ppl"] = ("PASS" if ppl["rel_increase"] <= PPL_INCREASE else "MISSED", signed_pct(ppl['rel_increase']))
     n = target_length(ev)
     s = ev["attention"]["by_length"].get(n, {}).get("sparsity/mean") if n else None
     if missing(s):
@@ -241,7 +247,7 @@ def full_section(run: dict) -> list[str]:
         rows.append(["perplexity", "-", "-", f"not measured: {ppl['skipped']}"])
     else:
         rows.append([f"perplexity ({ppl['docs']} docs x {ppl['seq_len']} tokens)", num(ppl["dense"]),
-                     num(ppl["sparse"]), f"increase {pct(ppl['rel_increase'], 2)}"])
+                     num(ppl["sparse"]), f"increase {signed_pct(ppl['rel_increase'])}"])
     for n, a in att.items():
         rows.append([f"block sparsity {length_label(n)} (all / streaming / retrieval)", "0%",
                      f"{pct(a.get('sparsity/mean'))} / {pct(a.get('sparsity/streaming/mean'))} / "
@@ -262,7 +268,7 @@ def full_section(run: dict) -> list[str]:
         lines += ["Perplexity by position:", ""]
         lines += table(["positions", "tokens", "dense", "sparse", "increase"],
                        [[f"{b['start']}-{b['end'] - 1}", b["tokens"], num(b["dense_ppl"]), num(b["sparse_ppl"]),
-                         pct(b["rel_increase"], 2)] for b in ppl["buckets"]])
+                         signed_pct(b["rel_increase"])] for b in ppl["buckets"]])
     lines += ["Per layer (sparsity / recall of all heads; recall of the retrieval heads at the longest length):", ""]
     lines += per_layer_table(ev, run["plan"])
     return lines
@@ -303,7 +309,7 @@ def ablation_section(runs: list[dict]) -> list[str]:
         t = targets(ev)
         rows.append([r["name"], r["status"],
                      f"{num(ev['needle']['sparse_over_dense'], '.2f')} ({num(min(ratios) if ratios else None, '.2f')})",
-                     "-" if "skipped" in ppl else f"+{pct(ppl['rel_increase'], 2)}",
+                     "-" if "skipped" in ppl else signed_pct(ppl['rel_increase']),
                      f"{pct(a.get('sparsity/mean'))}" + ("" if n == str(TARGET_LENGTH) else f" @{n}"),
                      f"{pct(a.get('recall/mean'))} / {pct(a.get('recall/retrieval/mean'))}",
                      r["recipe"]["sparsity"]["retrieval_fraction"], selection_label(r["recipe"]), steps_label(r["recipe"]),
@@ -407,13 +413,16 @@ def draw_run(ax, run: dict, key: str, color: str) -> None:
 
 # ---------------------------------------------------------------- main
 
-def build(root: Path, md: Path, png_dir: Path) -> str:
+def build(root: Path, md: Path, png_dir: Path, notes: Path | None = None) -> str:
     runs = [load_run(root, r.name, r.note) for r in define_runs()]
     status = read_json(root / "status.json") or {}
     pngs = plot_curves(runs, png_dir)
     full = next(r for r in runs if r["name"] == "full")
-    lines = header_section(runs, root) + runs_section(runs) + full_section(full) + targets_section(full)
-    lines += ablation_section(runs)
+    lines = header_section(runs, root)
+    if notes is not None:  # the hand-written reading of the numbers below
+        lines += ["## Reading", "", notes.read_text().strip(), ""]
+    lines += runs_section(runs) + full_section(full) + targets_section(full)
+    lines += ablation_section(runs) + diagnosis_section(root)
     lines += ["## Training curves", "",
               "From each run's metrics.jsonl (the scalars TensorBoard shows), x = global step; dashed = indexer "
               "warm-up, solid = sparse training. `short_no_warmup` has no warm-up, so its sparse stage starts at "
@@ -432,12 +441,13 @@ def main(argv=None) -> int:
     p.add_argument("--out-root", type=Path, required=True, help="the --out-root of run.py")
     p.add_argument("--md", type=Path, default=Path("benchmarks/results/smollm2_rtpurbo.md"))
     p.add_argument("--png-dir", type=Path, default=Path("benchmarks/results/smollm2_rtpurbo"))
+    p.add_argument("--notes", type=Path, help="a hand-written reading, inserted as the '## Reading' section")
     args = p.parse_args(argv)
     if not args.out_root.is_dir():
         print(f"no such directory: {args.out_root}", file=sys.stderr)
         return 2
     args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text(build(args.out_root.resolve(), args.md.resolve(), args.png_dir.resolve()))
+    args.md.write_text(build(args.out_root.resolve(), args.md.resolve(), args.png_dir.resolve(), args.notes))
     print(f"wrote {args.md} and {args.png_dir}/", flush=True)
     return 0
 
