@@ -1,7 +1,7 @@
 """Where does sparse needle accuracy go? Score the same needle prompts under selection variants that
 each remove one source of error:
 
-- `dense`: full attention (the reference).
+Every variant also scores the dense model (full attention, the reference) on the same prompts.
 - `retrieval_full`: streaming heads sparse, retrieval heads attend to every block (top-p 1): the loss
   from the head split alone (calibration + window).
 - `oracle`: retrieval heads choose blocks by top-p of their *true* attention mass (the indexer replaced
@@ -44,6 +44,9 @@ from rtpurbo_train.models.config import ModelConfig
 from rtpurbo_train.models.loading import load_model
 from rtpurbo_train.plan import SparsityPlan
 from rtpurbo_train.synthetic import haystack_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_diagnosis import needle_head_lines  # noqa: E402
 
 VARIANTS = ("retrieval_full", "oracle", "indexer")
 
@@ -132,8 +135,8 @@ def needle_hits(calls, prompts, plan, retrieval_layers) -> dict:
             for h_i, head in enumerate(plan.retrieval_kv_heads(layer)):
                 chosen = idx[0, h_i, qb, :int(cnt[0, h_i, qb])].long()
                 hit = bool(torch.isin(needle_blocks, chosen).any())
-                cell = hits.setdefault(key, {}).setdefault(f"{layer}.{head}", 0)
-                hits[key][f"{layer}.{head}"] = cell + hit
+                row = hits.setdefault(key, {})
+                row[f"{layer}.{head}"] = row.get(f"{layer}.{head}", 0) + hit
     return {n: {h: v / counts[n] for h, v in row.items()} for n, row in hits.items()}
 
 
@@ -156,21 +159,6 @@ def needle_heads(model, prompts, num_layers: int, num_q_heads: int, device) -> d
             sums[key] = sums.get(key, 0) + probe.document_scores()
             counts[key] = counts.get(key, 0) + 1
     return {n: (sums[n] / counts[n]).tolist() for n in sums}
-
-
-def print_needle_heads(mass: dict, plan, top: int = 10) -> None:
-    group = plan.model.group
-    for n, rows in mass.items():
-        m = torch.tensor(rows)
-        ret = torch.zeros_like(m, dtype=torch.bool)
-        for layer in range(m.shape[0]):
-            for h in plan.retrieval_q_heads(layer):
-                ret[layer, h] = True
-        share = float(m[ret].sum() / m.sum())
-        order = m.flatten().argsort(descending=True)[:top]
-        heads = ", ".join(f"L{int(i) // m.shape[1]}.q{int(i) % m.shape[1]}(kv{int(i) % m.shape[1] // group})"
-                          f"{'*' if ret.flatten()[i] else ''}={float(m.flatten()[i]):.2f}" for i in order)
-        print(f"needle heads {n}: retrieval heads hold {share:.0%} of the needle mass; top (* = retrieval): {heads}")
 
 
 def calibrated_plan(model, tokenizer, args) -> SparsityPlan:
@@ -237,8 +225,9 @@ def main(argv=None) -> int:
 
     prompts = build_needle_prompts(tokenizer, args.lengths, args.depths, args.samples, args.seed)
     results = {"command": shlex.join(["python", *sys.argv]), "device": str(args.device), "dtype": "float32",
-               "num_kv_heads": plan.model.num_kv_heads, "window": plan.window, "top_p": plan.top_p, "indexers": source, "retrieval_heads": {str(i): plan.retrieval_kv_heads(i) for i in range(plan.model.num_layers)},
-               "variants": {}}
+               "num_kv_heads": plan.model.num_kv_heads, "window": plan.window, "top_p": plan.top_p,
+               "indexers": source, "variants": {},
+               "retrieval_heads": {str(i): plan.retrieval_kv_heads(i) for i in range(plan.model.num_layers)}}
     retrieval_layers = [i for i in range(plan.model.num_layers) if plan.retrieval_kv_heads(i)]
     for name in args.variants:
         t0 = time.perf_counter()
@@ -262,7 +251,7 @@ def main(argv=None) -> int:
             print(f"  needle hit rate {n}: mean {sum(heads.values()) / len(heads):.2f}; "
                   + " ".join(f"L{h}={v:.2f}" for h, v in heads.items()), flush=True)
     results["needle_heads"] = needle_heads(model, prompts, plan.model.num_layers, plan.model.num_q_heads, args.device)
-    print_needle_heads(results["needle_heads"], plan)
+    print("\n".join(needle_head_lines(results)), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

@@ -42,7 +42,7 @@ def _worst_heads(diag: dict, top: int = 5) -> list[str]:
     return out
 
 
-def _needle_heads(diag: dict, top: int = 8) -> list[str]:
+def needle_head_lines(diag: dict, top: int = 8) -> list[str]:
     """Share of the dense model's needle attention held by the plan's retrieval query heads, and the
     heads that read the needle most."""
     mass_by_length = diag.get("needle_heads")
@@ -86,6 +86,6 @@ def diagnosis_section(root: Path) -> list[str]:
                   f"- command: `{diag.get('command', '?')}`", ""]
         lines += _table(["variant", "tokens", "dense", "sparse", "sparsity", "retrieval recall", "needle hit rate"],
                         _variant_rows(diag))
-        extra = _worst_heads(diag) + _needle_heads(diag)
+        extra = _worst_heads(diag) + needle_head_lines(diag)
         lines += extra + ([""] if extra else [])
     return lines
