@@ -245,8 +245,9 @@ class Driver:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-root", type=Path, required=True, help="one directory per run goes here")
-    p.add_argument("--gpus", nargs="+", default=["0", "1"],
-                   help="one queue per entry (a GPU index): full on the first, ablations on the others")
+    p.add_argument("--gpus", nargs="+", default=None,
+                   help="one queue per entry (a GPU index): full on the first, ablations on the others; an index "
+                        "may repeat (queues sharing a GPU). Default: one queue per visible GPU, or three on one GPU")
     p.add_argument("--only", nargs="+", help="run only these (names: full, short_top_p, short_top_k, ...)")
     p.add_argument("--base-recipe", default="rtpurbo_300step", help="recipe name or YAML path")
     p.add_argument("--extra-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -255,9 +256,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def default_gpus() -> list[str]:
+    """One queue per visible GPU; on a single GPU three queues share it (a SmolLM2 step is launch-bound,
+    so runs sharing a GPU overlap well: the committed result ran that way)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return [str(i) for i in range(count)] if count > 1 else ["0", "0", "0"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out_root = args.out_root.resolve()
+    args.gpus = args.gpus or default_gpus()
     try:
         runs = plan_runs(args)
     except Exception as err:  # a bad --set or recipe: one line, nothing started
