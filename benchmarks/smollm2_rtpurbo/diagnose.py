@@ -7,6 +7,9 @@ Every variant also scores the dense model (full attention, the reference) on the
 - `oracle`: retrieval heads choose blocks by top-p of their *true* attention mass (the indexer replaced
   by the layer's own RoPE'd q/k): the loss from top-p block selection with a perfect indexer.
 - `indexer`: the model's indexers (what the sparse model runs).
+- `oracle_window`, `indexer_window` (on request): as `oracle` / `indexer`, but retrieval heads also keep
+  the sliding window (the selection's forced local blocks widened to cover it): tests whether heads that
+  become retrieval heads lose accuracy by losing their window.
 
 Per variant: needle accuracy by length, recall and sparsity (all heads / retrieval heads) by layer, and
 for `oracle`/`indexer` the needle hit rate of every retrieval KV head: how often the block selection of
@@ -48,7 +51,8 @@ from rtpurbo_train.synthetic import haystack_text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_diagnosis import needle_head_lines  # noqa: E402
 
-VARIANTS = ("retrieval_full", "oracle", "indexer")
+VARIANTS = ("retrieval_full", "oracle", "indexer", "oracle_window", "indexer_window")
+DEFAULT_VARIANTS = VARIANTS[:3]
 
 
 class OracleIndexer(torch.nn.Module):
@@ -70,10 +74,13 @@ class OracleIndexer(torch.nn.Module):
 @contextmanager
 def variant(model, runtime, name: str):
     plan = runtime.plan
-    saved_plan, swapped = plan, []
+    saved_plan, swapped, select = plan, [], rtpurbo_kernels.indexer_block_select
+    if name.endswith("_window"):  # retrieval heads keep the window: force the blocks it spans
+        local = plan.window // plan.block_size + 1
+        rtpurbo_kernels.indexer_block_select = lambda *a, **kw: select(*a, **{**kw, "local_blocks": local})
     if name == "retrieval_full":
         runtime.plan = plan.model_copy(update={"top_p": 1.0, "top_k": None})
-    elif name == "oracle":
+    elif name.startswith("oracle"):
         for module in attention_modules(model):
             if hasattr(module, "indexer"):
                 swapped.append((module, module.indexer))
@@ -82,6 +89,7 @@ def variant(model, runtime, name: str):
     try:
         yield
     finally:
+        rtpurbo_kernels.indexer_block_select = select
         runtime.plan = saved_plan
         for module, indexer in swapped:
             del module.indexer
@@ -200,7 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--retrieval-fraction", type=float, default=0.15)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")

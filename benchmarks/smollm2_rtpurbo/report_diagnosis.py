@@ -8,6 +8,8 @@ VARIANT_LABELS = {
     "retrieval_full": "head split only (retrieval heads see every block)",
     "oracle": "oracle top-p (true attention mass picks the blocks)",
     "indexer": "the trained indexer (what the sparse model runs)",
+    "oracle_window": "oracle top-p + the sliding window on retrieval heads",
+    "indexer_window": "the trained indexer + the sliding window on retrieval heads",
 }
 
 
@@ -83,7 +85,7 @@ def diagnosis_section(root: Path) -> list[str]:
         lines += [f"### {path.stem.removeprefix('diagnose_')}", "",
                   f"- model: {_model_label(diag)}; window {diag.get('window', '?')}, top-p {diag.get('top_p', '?')}, "
                   f"{sum(len(h) for h in diag['retrieval_heads'].values())} retrieval KV heads",
-                  f"- command: `{diag.get('command', '?')}`", ""]
+                  f"- command: `{diag.get('command', '?')}` (device: {diag.get('device', '?')})", ""]
         lines += _table(["variant", "tokens", "dense", "sparse", "sparsity", "retrieval recall", "needle hit rate"],
                         _variant_rows(diag))
         extra = _worst_heads(diag) + needle_head_lines(diag)
