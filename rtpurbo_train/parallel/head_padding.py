@@ -14,16 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .validate import ulysses_can_split
+
 
 def kv_heads_to_add(num_q_heads: int, num_kv_heads: int, sp: int) -> int:
     """The fewest KV heads (each with its query group) to append so that SP `sp` can split the model."""
     group = num_q_heads // num_kv_heads
     extra = 0
-    while True:
-        kv = num_kv_heads + extra
-        if (kv * group) % sp == 0 and (kv % sp == 0 or sp % kv == 0):
-            return extra
+    while not ulysses_can_split((num_kv_heads + extra) * group, num_kv_heads + extra, sp):
         extra += 1
+    return extra
 
 
 def _fit(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:

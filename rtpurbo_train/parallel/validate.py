@@ -45,6 +45,12 @@ def validate_sequence_parallel(recipe, config, world_size: int) -> None:
                         f"them or be a multiple of them; {hint}")
 
 
+def ulysses_can_split(q: int, kv: int, sp: int) -> bool:
+    """Whether SP `sp` can split q query and kv KV heads: the query heads evenly, the KV heads evenly or
+    replicated a whole number of times."""
+    return q % sp == 0 and (kv % sp == 0 or sp % kv == 0)
+
+
 def valid_sp_sizes(q: int, kv: int) -> list[int]:
     """SP sizes a model with q query and kv KV heads can run."""
-    return [s for s in range(1, q + 1) if q % s == 0 and (kv % s == 0 or s % kv == 0)]
+    return [s for s in range(1, q + 1) if ulysses_can_split(q, kv, s)]
