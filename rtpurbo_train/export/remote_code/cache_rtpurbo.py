@@ -61,17 +61,21 @@ class RTPurboLayerCache(CacheLayerMixin):
         self.block_mass: Optional[torch.Tensor] = None  # float32 [B, Hr, NKB], or None between blocks
 
     # ---- views of the filled slots ---------------------------------------------------------------------
+    @staticmethod
+    def _prefix(buf: Optional[torch.Tensor], slots: int) -> Optional[torch.Tensor]:
+        return None if buf is None else buf[:, :, :slots]
+
     @property
     def full_keys(self) -> Optional[torch.Tensor]:
-        return None if self._full_k is None else self._full_k[:, :, :self.seen]
+        return self._prefix(self._full_k, self.seen)
 
     @property
     def full_values(self) -> Optional[torch.Tensor]:
-        return None if self._full_v is None else self._full_v[:, :, :self.seen]
+        return self._prefix(self._full_v, self.seen)
 
     @property
     def indexer_keys(self) -> Optional[torch.Tensor]:
-        return None if self._ikeys is None else self._ikeys[:, :, :self.seen]
+        return self._prefix(self._ikeys, self.seen)
 
     @property
     def stream_slots(self) -> int:
@@ -80,11 +84,11 @@ class RTPurboLayerCache(CacheLayerMixin):
 
     @property
     def stream_keys(self) -> Optional[torch.Tensor]:
-        return None if self._stream_k is None else self._stream_k[:, :, :self.stream_slots]
+        return self._prefix(self._stream_k, self.stream_slots)
 
     @property
     def stream_values(self) -> Optional[torch.Tensor]:
-        return None if self._stream_v is None else self._stream_v[:, :, :self.stream_slots]
+        return self._prefix(self._stream_v, self.stream_slots)
 
     @property
     def stream_pos(self) -> Optional[torch.Tensor]:
