@@ -39,14 +39,15 @@ import rtpurbo_kernels
 from rtpurbo_train.attention import attach_sparsity
 from rtpurbo_train.attention.dispatch import attention_modules
 from rtpurbo_train.attention.rope import rotate_half
-from rtpurbo_train.calibration import calibrate, make_echo_documents
+from rtpurbo_train.calibration import calibrate
 from rtpurbo_train.calibration.needle_echo_attention import NeedleEchoProbe, needle_echo_attention
+from rtpurbo_train.config.stages import CalibrateStage
 from rtpurbo_train.evaluation.needle_prompts import build_needle_prompts
 from rtpurbo_train.evaluation.passes import score_needles
 from rtpurbo_train.models.config import ModelConfig
 from rtpurbo_train.models.loading import load_model
+from rtpurbo_train.pipeline.stage_calibrate import calibration_documents
 from rtpurbo_train.plan import SparsityPlan
-from rtpurbo_train.synthetic import haystack_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_diagnosis import needle_head_lines  # noqa: E402
@@ -170,11 +171,9 @@ def needle_heads(model, prompts, num_layers: int, num_q_heads: int, device) -> d
 
 
 def calibrated_plan(model, tokenizer, args) -> SparsityPlan:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    text = haystack_text(n_tokens=2 * max(args.calibration_lengths), tokenizer=tokenizer, seed=args.seed)
-    haystack = tokenizer(text, add_special_tokens=False)["input_ids"]
-    docs = make_echo_documents(haystack, lengths=args.calibration_lengths, docs_per_length=4, needle_len=32,
-                               seed=args.seed, prefix_ids=bos)
+    """Calibrate as the recipes' calibrate stage does (4 documents per length)."""
+    stage = CalibrateStage(lengths=args.calibration_lengths, docs_per_length=4)
+    docs = calibration_documents(tokenizer, stage, args.seed)
     settings = {"window": args.window, "sink_tokens": 4, "indexer_dim": 16, "top_p": args.top_p, "top_k": None}
     plan, _ = calibrate(model, docs, fraction=args.retrieval_fraction, plan_settings=settings)
     return plan
