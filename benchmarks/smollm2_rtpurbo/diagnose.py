@@ -33,14 +33,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import rtpurbo_kernels
 import torch
 
-import rtpurbo_kernels
 from rtpurbo_train.attention import attach_sparsity
 from rtpurbo_train.attention.dispatch import attention_modules
 from rtpurbo_train.attention.rope import rotate_half
 from rtpurbo_train.calibration import calibrate
-from rtpurbo_train.calibration.needle_echo_attention import NeedleEchoProbe, needle_echo_attention
+from rtpurbo_train.calibration.needle_echo_attention import (
+    NeedleEchoProbe,
+    needle_echo_attention,
+)
 from rtpurbo_train.config.stages import CalibrateStage
 from rtpurbo_train.evaluation.needle_prompts import build_needle_prompts
 from rtpurbo_train.evaluation.passes import score_needles

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_diagnosis import diagnosis_section  # noqa: E402
+from report_format import human_bytes, missing, num, pct, seconds, signed_pct, table  # noqa: E402
 from run import SHORT_NOTE, define_runs  # noqa: E402  (the run names and notes, in order)
 
 TARGET_LENGTH = 8192
@@ -82,42 +82,6 @@ def load_run(root: Path, name: str, note: str) -> dict:
 
 
 # ---------------------------------------------------------------- formatting
-
-def missing(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
-
-def pct(x, digits=1) -> str:
-    return "-" if missing(x) else f"{100.0 * x:.{digits}f}%"
-
-
-def signed_pct(x, digits=2) -> str:
-    return "-" if missing(x) else f"{100.0 * x:+.{digits}f}%"
-
-
-def num(x, fmt=".3f") -> str:
-    return "-" if missing(x) else format(x, fmt)
-
-
-def human_bytes(n) -> str:
-    if missing(n):
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024.0
-
-
-def seconds(s) -> str:
-    if missing(s):
-        return "-"
-    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|",
-            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
-
 
 def length_label(n) -> str:
     n = int(n)

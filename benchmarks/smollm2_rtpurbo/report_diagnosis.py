@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from report_format import pct, table
+
 VARIANT_LABELS = {
     "retrieval_full": "head split only (retrieval heads see every block)",
     "oracle": "oracle top-p (true attention mass picks the blocks)",
@@ -13,24 +15,15 @@ VARIANT_LABELS = {
 }
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
-
-
 def _variant_rows(diag: dict) -> list[list[str]]:
     rows = []
     for name, row in diag["variants"].items():
         for n in row["sparse"]:
             m = row["metrics"].get(n, {})
             hits = row.get("needle_hits", {}).get(n)
-            rows.append([VARIANT_LABELS.get(name, name), n, _pct(row["dense"][n]), _pct(row["sparse"][n]),
-                         _pct(m.get("sparsity/mean")), _pct(m.get("recall/retrieval/mean")),
-                         _pct(sum(hits.values()) / len(hits)) if hits else "-"])
+            rows.append([VARIANT_LABELS.get(name, name), n, pct(row["dense"][n], 0), pct(row["sparse"][n], 0),
+                         pct(m.get("sparsity/mean"), 0), pct(m.get("recall/retrieval/mean"), 0),
+                         pct(sum(hits.values()) / len(hits), 0) if hits else "-"])
     return rows
 
 
@@ -40,7 +33,7 @@ def _worst_heads(diag: dict, top: int = 5) -> list[str]:
     for n, hits in row.get("needle_hits", {}).items():
         worst = sorted(hits.items(), key=lambda kv: kv[1])[:top]
         out.append(f"- {n} tokens, lowest needle hit rates (layer.KV head): "
-                   + ", ".join(f"{h} {_pct(v)}" for h, v in worst))
+                   + ", ".join(f"{h} {pct(v, 0)}" for h, v in worst))
     return out
 
 
@@ -59,7 +52,7 @@ def needle_head_lines(diag: dict, top: int = 8) -> list[str]:
         total = sum(c[0] for c in cells) or 1.0
         share = sum(c[0] for c in cells if c[3]) / total
         best = sorted(cells, reverse=True)[:top]
-        out.append(f"- {n} tokens: retrieval heads hold {_pct(share)} of the needle attention; top heads "
+        out.append(f"- {n} tokens: retrieval heads hold {pct(share, 0)} of the needle attention; top heads "
                    "(layer.query head, * = retrieval): "
                    + ", ".join(f"{l}.q{h}{'*' if r else ''} {m:.2f}" for m, l, h, r in best))
     return out
@@ -86,7 +79,7 @@ def diagnosis_section(root: Path) -> list[str]:
                   f"- model: {_model_label(diag)}; window {diag.get('window', '?')}, top-p {diag.get('top_p', '?')}, "
                   f"{sum(len(h) for h in diag['retrieval_heads'].values())} retrieval KV heads",
                   f"- command: `{diag.get('command', '?')}` (device: {diag.get('device', '?')})", ""]
-        lines += _table(["variant", "tokens", "dense", "sparse", "sparsity", "retrieval recall", "needle hit rate"],
+        lines += table(["variant", "tokens", "dense", "sparse", "sparsity", "retrieval recall", "needle hit rate"],
                         _variant_rows(diag))
         extra = _worst_heads(diag) + needle_head_lines(diag)
         lines += extra + ([""] if extra else [])
