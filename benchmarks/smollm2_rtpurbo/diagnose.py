@@ -88,7 +88,6 @@ def variant(model, runtime, name: str):
         for module in attention_modules(model):
             if hasattr(module, "indexer"):
                 swapped.append((module, module.indexer))
-                del module.indexer
                 module.indexer = OracleIndexer(module)
     try:
         yield
@@ -96,7 +95,6 @@ def variant(model, runtime, name: str):
         rtpurbo_kernels.indexer_block_select = select
         runtime.plan = saved_plan
         for module, indexer in swapped:
-            del module.indexer
             module.indexer = indexer
 
 
