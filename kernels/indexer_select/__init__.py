@@ -29,14 +29,24 @@ def check_indexer_pair(qi, ki, name_q="qi", name_k="ki"):
     return B, T, Hq, Hkv, d
 
 
+def check_query_stride(query_stride, block_size) -> int:
+    """A power of two in [1, block_size]; returns it as an int."""
+    if isinstance(query_stride, bool) or int(query_stride) != query_stride or not 1 <= query_stride <= block_size \
+            or int(query_stride) & (int(query_stride) - 1):
+        raise ValueError(f"query_stride must be a power of two in [1, block_size={block_size}] (got {query_stride!r})")
+    return int(query_stride)
+
+
 @torch.no_grad()
 def indexer_block_select(qi, ki, *, top_p=0.9, top_k=None, block_size=64, sink_blocks=1, local_blocks=2,
-                         scale=None, backend="auto"):
+                         scale=None, query_stride=1, backend="auto"):
     """Select key blocks per (batch, KV head, query block) from the indexer's attention mass.
 
     qi [B, T, Hq_r, d], ki [B, T, Hkv_r, d] (query heads of a KV group contiguous) ->
     block_idx int32 [B, Hkv_r, NQB, MAXB] (sorted ascending, unique, -1 padded),
     block_cnt int32 [B, Hkv_r, NQB]. Not differentiable. See README.md for the math.
+    `query_stride` S: each block's mass averages its rows m with m % S == S - 1 and its last row
+    (S times cheaper); 1 averages every row (the exact token-level oracle).
     """
     check_indexer_pair(qi, ki)
     if top_k is None and not top_p > 0.0:
@@ -47,11 +57,12 @@ def indexer_block_select(qi, ki, *, top_p=0.9, top_k=None, block_size=64, sink_b
         raise ValueError(f"block_size must be a power of two >= 16 (got {block_size})")
     if sink_blocks < 0 or local_blocks < 0:
         raise ValueError("sink_blocks and local_blocks must be >= 0")
+    query_stride = check_query_stride(query_stride, block_size)
     backend = resolve_backend(backend, qi.device)
     if backend == "reference":
-        mass = block_mass_reference(qi, ki, block_size=block_size, scale=scale)
+        mass = block_mass_reference(qi, ki, block_size=block_size, scale=scale, query_stride=query_stride)
     else:
         from .block_mass_triton import block_mass_triton  # triton is optional on CPU machines
-        mass = block_mass_triton(qi, ki, block_size=block_size, scale=scale)
+        mass = block_mass_triton(qi, ki, block_size=block_size, scale=scale, query_stride=query_stride)
     return select_blocks_from_mass(mass, top_p=top_p, top_k=top_k, sink_blocks=sink_blocks,
                                    local_blocks=local_blocks)

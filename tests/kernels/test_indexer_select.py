@@ -96,7 +96,15 @@ def test_triton_selection_matches_reference(mode, B, T, Hkv, G):
         assert torch.equal(ref[1], torch.arange(1, nqb + 1, dtype=torch.int32).expand(B, Hkv, nqb))
 
 
-def brute_force_masses(qi, ki, block_size):
+def sampled_rows_by_rule(T, block_size, query_stride, qb):
+    """The rows a query block averages, written out from the README rule with a plain loop: every
+    S-th row of the block (offsets S-1, 2S-1, ...) and the block's last row."""
+    first, last = qb * block_size, min(T, (qb + 1) * block_size) - 1
+    rows = [m for m in range(first, last + 1) if (m - first) % query_stride == query_stride - 1]
+    return sorted(set(rows + [last]))
+
+
+def brute_force_masses(qi, ki, block_size, query_stride=1):
     """float64, full T x T softmax per query head, explicit loops over blocks: [B, Hkv, NQB, NQB]."""
     B, T, Hq, d = qi.shape
     Hkv = ki.shape[2]
@@ -109,7 +117,7 @@ def brute_force_masses(qi, ki, block_size):
     nqb = -(-T // block_size)
     mass = torch.zeros(B, Hkv, nqb, nqb, dtype=torch.float64)
     for qb, kb in itertools.product(range(nqb), range(nqb)):
-        rows = slice(qb * block_size, min(T, (qb + 1) * block_size))
+        rows = sampled_rows_by_rule(T, block_size, query_stride, qb)
         cols = slice(kb * block_size, min(T, (kb + 1) * block_size))
         per_head = p[:, :, rows, cols].sum(-1).mean(-1)  # [B, Hq]
         mass[:, :, qb, kb] = per_head.view(B, Hkv, G).mean(-1)
@@ -162,6 +170,62 @@ def test_selection_matches_brute_force_subset_enumeration(backend, top_p, top_k,
     assert checked >= 20  # near-ties are rare: almost every row is checked
 
 
+STRIDED_CASES = [  # B, T, Hkv, G, d, dtype, S
+    (1, 200, 2, 1, 16, torch.float32, 8),
+    (2, 131, 1, 3, 16, torch.float32, 4),
+    (1, 257, 2, 4, 16, torch.bfloat16, 8),
+    (1, 150, 1, 8, 8, torch.float16, 16),
+    (1, 190, 1, 6, 32, torch.float32, 64),  # one row per full block: its last
+]
+
+
+@pytest.mark.parametrize("B,T,Hkv,G,d,dtype,S", STRIDED_CASES)
+def test_strided_masses_match_brute_force_on_both_backends(B, T, Hkv, G, d, dtype, S):
+    qi, ki = random_indexer(B, T, Hkv, G, d, dtype, seed=T + 10 * S)
+    expected = brute_force_masses(qi.float(), ki.float(), 64, query_stride=S).float()
+    nqb = expected.shape[-1]
+    causal = torch.ones(nqb, nqb, dtype=torch.bool).tril()
+    ref = block_mass_reference(qi, ki, block_size=64, query_stride=S)
+    poisoned = torch.full_like(ref, float("nan"))
+    tri = block_mass_triton(qi, ki, block_size=64, out=poisoned, query_stride=S)
+    assert not torch.isnan(tri[..., causal]).any()
+    torch.testing.assert_close(ref[..., causal], expected[..., causal], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(tri[..., causal], expected[..., causal], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(ref.sum(-1), torch.ones_like(ref.sum(-1)), atol=1e-5, rtol=0)
+
+
+def test_strided_masses_differ_from_exact_and_stride_one_is_exact():
+    qi, ki = random_indexer(1, 200, 1, 3, 16, seed=4, spread=3.0)
+    exact = brute_force_masses(qi, ki, 64).float()
+    torch.testing.assert_close(block_mass_reference(qi, ki, block_size=64, query_stride=1), exact, atol=2e-6, rtol=1e-5)
+    strided = block_mass_reference(qi, ki, block_size=64, query_stride=8)
+    assert (strided - exact).abs().max() > 1e-3  # the sample is a real approximation, not the same rows
+
+
+@pytest.mark.parametrize("B,T,Hkv,G,S", [(1, 330, 2, 3, 8), (2, 200, 1, 4, 4)])
+def test_strided_selection_agrees_across_backends_and_with_brute_force(B, T, Hkv, G, S):
+    qi, ki = random_indexer(B, T, Hkv, G, 16, seed=3 * T + S, spread=3.0)
+    kw = dict(top_p=0.8, block_size=64, sink_blocks=1, local_blocks=1, query_stride=S)
+    ref = indexer_block_select(qi, ki, backend="reference", **kw)
+    tri = indexer_block_select(qi, ki, backend="triton", **kw)
+    check_layout(*ref)
+    check_layout(*tri)
+    mass = brute_force_masses(qi, ki, 64, query_stride=S)
+    assert_same_selection(*ref, *tri, mass.float(), 0.8)
+    for b, h, qb in itertools.product(range(B), range(Hkv), range(mass.shape[-1])):
+        expected = brute_force_expected(mass[b, h, qb], qb, 0.8, None, 1, 1)
+        if expected is not None:
+            assert ref[0][b, h, qb, :ref[1][b, h, qb]].tolist() == expected
+
+
+def test_strided_reference_chunking_does_not_change_masses(monkeypatch):
+    qi, ki = random_indexer(1, 300, 2, 3, 16, seed=12)
+    whole = block_mass_reference(qi, ki, block_size=64, query_stride=8)
+    monkeypatch.setattr(select_naive, "CHUNK_BYTES", 1)
+    chunked = block_mass_reference(qi, ki, block_size=64, query_stride=8)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+
+
 def test_reference_chunking_does_not_change_masses(monkeypatch):
     qi, ki = random_indexer(1, 300, 2, 3, 16, seed=11)
     whole = block_mass_reference(qi, ki, block_size=64)
@@ -195,6 +259,9 @@ def test_bad_inputs_raise_clear_errors():
         indexer_block_select(qi, ki, block_size=48)
     with pytest.raises(ValueError, match="unknown kernel backend"):
         indexer_block_select(qi, ki, backend="cuda")
+    for bad in (0, 3, 128, 2.5, True):
+        with pytest.raises(ValueError, match="query_stride"):
+            indexer_block_select(qi, ki, query_stride=bad)
 
 
 @pytest.mark.parametrize("top_p,top_k", [(0.9, None), (0.9, 4)])
