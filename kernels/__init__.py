@@ -5,6 +5,8 @@ import importlib
 
 _ENTRY_POINTS = {
     "block_sparse_attention": "block_sparse_attn",
+    "streaming_block_index": "block_sparse_attn",
+    "merge_head_blocks": "block_sparse_attn",
     "indexer_block_select": "indexer_select",
     "indexer_kl_loss": "indexer_kl",
 }

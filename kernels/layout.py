@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 
-# Up to this many blocks (64K tokens at block 64) an index as wide as the mask costs a few MB and saves
-# the device sync that finding the widest row takes; longer inputs are sized exactly.
-MAX_STATIC_WIDTH = 1024
+# Up to this many blocks (256K tokens at block 64) an index as wide as the mask (at most 64 MiB per head,
+# the size of the selection's mass tensor) saves the device sync that finding the widest row takes;
+# longer inputs are sized exactly.
+MAX_STATIC_WIDTH = 4096
 
 
 def sync_free_width(num_blocks: int) -> int | None:

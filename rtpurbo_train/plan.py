@@ -13,6 +13,10 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# The selection's query stride (kernels/indexer_select/README.md); the choice is measured in
+# benchmarks/results/selection_quality_h200.md.
+DEFAULT_QUERY_STRIDE = 8
+
 class HeadLayout(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_layers: int = Field(gt=0)
@@ -58,6 +62,8 @@ class SparsityPlan(BaseModel):
     indexer_dim: int = Field(16, gt=0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, gt=0)
+    # Selection scores every query_stride-th query of a block (and its last); 1 = every query (exact).
+    query_stride: int = Field(DEFAULT_QUERY_STRIDE, ge=1)
     retrieval_fraction: float = Field(0.15, gt=0.0, le=1.0)
     seqlen_threshold: int = Field(0, ge=0)
     # Per layer, a permutation of KV heads applied to the weights (sequence-parallel balancing);
@@ -71,6 +77,9 @@ class SparsityPlan(BaseModel):
     @model_validator(mode="after")
     def _consistent(self):
         m = self.model
+        qs = self.query_stride
+        if qs > self.block_size or qs & (qs - 1):
+            raise ValueError(f"query_stride {qs} must be a power of two <= block_size ({self.block_size})")
         if len(self.layers) != m.num_layers:
             raise ValueError(f"plan has {len(self.layers)} layers, model layout says {m.num_layers}")
         for i, layer in enumerate(self.layers):

@@ -11,11 +11,11 @@ import torch
 
 from ..backend import resolve_backend
 from .inputs import check_attention_inputs, check_block_index_values
-from .layout import block_index_from_mask, streaming_block_mask
+from .layout import block_index_from_mask, merge_head_blocks, streaming_block_index, streaming_block_mask
 from .naive import block_sparse_attention_reference
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_reference", "block_index_from_mask",
-           "check_block_index_values", "streaming_block_mask"]
+           "check_block_index_values", "streaming_block_mask", "streaming_block_index", "merge_head_blocks"]
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,

@@ -20,13 +20,12 @@ def rows_per_chunk(batch_heads: int, num_keys: int, block_size: int) -> int:
     return max(block_size, rows // block_size * block_size)
 
 
-def sampled_rows(T: int, block_size: int, query_stride: int, device=None) -> torch.Tensor:
-    """The query rows whose indexer mass a block's selection averages (README.md, "Query stride"):
-    in each query block, the rows m with m % S == S - 1, plus the block's last row m < T. S = 1: all.
-    Returns bool [T]."""
-    m = torch.arange(T, device=device)
-    last_of_block = (m % block_size == block_size - 1) | (m == T - 1)
-    return (m % query_stride == query_stride - 1) | last_of_block
+def sampled_rows(start: int, end: int, T: int, block_size: int, query_stride: int) -> list[int]:
+    """The query rows in [start, end) whose indexer mass a block's selection averages (README.md,
+    "Query stride"): in each query block, the rows m with m % S == S - 1, plus the block's last row
+    m < T. S = 1: all. Computed from the shape alone (no device read)."""
+    return [m for m in range(start, end)
+            if m % query_stride == query_stride - 1 or m % block_size == block_size - 1 or m == T - 1]
 
 
 def block_mass_reference(qi, ki, *, block_size=64, scale=None, query_stride=1):
@@ -47,11 +46,11 @@ def block_mass_reference(qi, ki, *, block_size=64, scale=None, query_stride=1):
     # Each query head reads its group's key head (query heads of a group are contiguous).
     k = ki.float().transpose(1, 2).repeat_interleave(G, dim=1)  # [B, Hq, T, d]
     mass = torch.zeros(B, Hkv, nqb, nqb, dtype=torch.float32, device=qi.device)
-    sampled = sampled_rows(T, bs, query_stride, qi.device)
     step = rows_per_chunk(B * Hq, T, bs) * query_stride  # only 1/S of a chunk's rows are scored
     for r0 in range(0, T, step):
         r1 = min(T, r0 + step)
-        rows = torch.arange(r0, r1, device=qi.device)[sampled[r0:r1]]  # a CPU oracle: a sync is fine
+        rows_list = sampled_rows(r0, r1, T, bs, query_stride)
+        rows = torch.tensor(rows_list, device=qi.device)
         n_keys = r1  # causal: rows < r1 never look past key r1 - 1
         s = scale * torch.matmul(q[:, :, rows], k[:, :, :n_keys].transpose(-1, -2))  # [B, Hq, R, N]
         cols = torch.arange(n_keys, device=qi.device)
@@ -63,7 +62,7 @@ def block_mass_reference(qi, ki, *, block_size=64, scale=None, query_stride=1):
         blocks = rows // bs
         sums = torch.zeros(B, Hkv, nqb, nkb, dtype=torch.float32, device=qi.device).index_add_(2, blocks, p)
         counts = torch.zeros(nqb, device=qi.device).index_add_(0, blocks, torch.ones(len(rows), device=qi.device))
-        touched = slice(int(blocks[0]), int(blocks[-1]) + 1)  # the chunk starts on a block boundary
+        touched = slice(r0 // bs, (r1 - 1) // bs + 1)  # the chunk starts on a block boundary
         mass[:, :, touched, :nkb] = sums[:, :, touched] / (G * counts[touched])[:, None]
     return mass
 

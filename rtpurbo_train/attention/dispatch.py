@@ -76,7 +76,7 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
             selection = rtpurbo_kernels.indexer_block_select(
                 qi.detach(), ki.detach(), top_p=plan.top_p, top_k=plan.top_k, block_size=bs,
                 sink_blocks=max(1, -(-plan.sink_tokens // bs)), local_blocks=2, scale=module.indexer.scale,
-                backend=runtime.backend)
+                query_stride=plan.query_stride, backend=runtime.backend)
         if runtime.indexer_kl:
             sel_idx, sel_cnt = selection if (runtime.indexer_kl_selected_only and selection) else (None, None)
             kl = rtpurbo_kernels.indexer_kl_loss(

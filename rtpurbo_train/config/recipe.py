@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 
 from ..data import DataConfig
 from ..models import ModelConfig
+from ..plan import DEFAULT_QUERY_STRIDE
 from .stages import STAGE_TYPES, Stage, Strict
 
 
@@ -19,6 +20,8 @@ class SparsitySettings(Strict):
     indexer_dim: int = Field(16, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: Optional[int] = Field(None, gt=0, description="fixed top-k blocks instead of top-p")
+    query_stride: int = Field(DEFAULT_QUERY_STRIDE, ge=1, description="block selection scores every S-th query "
+                              "of a block and its last (a power of two <= 64; 1 = every query, the exact oracle)")
     seqlen_threshold: int = Field(0, ge=0, description="exported model: dense attention below this length")
     plan: Optional[str] = Field(None, description="use this plan.json instead of calibrating")
     backend: Literal["auto", "reference", "triton"] = "auto"

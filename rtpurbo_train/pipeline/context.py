@@ -19,7 +19,8 @@ from ..plan import HeadLayout, SparsityPlan
 from ..trainer import checkpoint as ckpt
 from ..trainer.monitor import Monitor
 
-PLAN_SETTINGS = ("window", "sink_tokens", "block_size", "indexer_dim", "top_p", "top_k", "seqlen_threshold")
+PLAN_SETTINGS = ("window", "sink_tokens", "block_size", "indexer_dim", "top_p", "top_k", "query_stride",
+                 "seqlen_threshold")
 
 
 @dataclass

@@ -19,6 +19,8 @@ from .tiny_sparse import random_ids, remote_model
     (2, (1,), {"top_p": 0.6}),  # one streaming, one retrieval KV head: both taken as views
     (4, (0, 2), {"top_k": 2}),  # interleaved kinds: gathered and merged by index
     (2, (0, 1), {"top_p": 0.6}),  # retrieval heads only
+    (2, (1,), {"top_p": 0.6, "query_stride": 1}),  # the exact selection: every row of a block
+    (2, (1,), {"top_p": 0.6, "query_stride": 16}),  # one row per full block: its last
     (2, (1,), {"top_p": 0.6, "seqlen_threshold": 1000}),  # a short prompt: dense mode
 ])
 def test_decode_steps_do_not_sync_and_match_the_no_cache_forward(monkeypatch, forbid_host_sync, forbid_python_syncs,
@@ -167,7 +169,9 @@ def test_kernel_prefill_queues_without_host_sync(forbid_host_sync):
         return torch.zeros_like(q), None
 
     select = lambda *a, **kw: rtpurbo_kernels.indexer_block_select(*a, **{**kw, "backend": "reference"})  # noqa: E731
-    kern = SimpleNamespace(indexer_block_select=select, block_sparse_attention=attention)
+    kern = SimpleNamespace(indexer_block_select=select, block_sparse_attention=attention,
+                           streaming_block_index=rtpurbo_kernels.streaming_block_index,
+                           merge_head_blocks=rtpurbo_kernels.merge_head_blocks)
     with forbid_host_sync():
         kernel_prefill(kern, q, k, v, qi, ki, heads, s, D ** -0.5, "reference")
     assert seen["kv_window"].tolist() == [s.window, 0]  # head 1 is the retrieval head: no window

@@ -23,9 +23,10 @@ def _greedy_no_cache(model, ids, steps):
     return seq
 
 
-@pytest.mark.parametrize("family,retrieval", [("llama", (1,)), ("qwen3", (0,))])
-def test_sparse_and_plain_reload_match_training_model(tmp_path, family, retrieval):
-    model, runtime, plan, tok = sparse_model(family, retrieval=retrieval)
+@pytest.mark.parametrize("family,retrieval,query_stride", [("llama", (1,), 8), ("qwen3", (0,), 1), ("llama", (1,), 4)])
+def test_sparse_and_plain_reload_match_training_model(tmp_path, family, retrieval, query_stride):
+    # query_stride 8 is the default (2 of a 16-token block's rows), 1 the exact selection.
+    model, runtime, plan, tok = sparse_model(family, retrieval=retrieval, query_stride=query_stride)
     ids = random_ids(T)
     want_sparse = training_logits(model, runtime, ids, "sparse")
     want_dense = training_logits(model, runtime, ids, "full")
@@ -69,6 +70,7 @@ def test_folder_layout_and_config(tmp_path):
     # KV head 1 of 2 is the retrieval head: query heads 2, 3 of 4 (G = 2).
     assert [hw[str(i)] for i in range(3)] == [[0, 0, 1, 1]] * 3
     assert config["rtpurbo"]["plan"] == json.loads((out / "plan.json").read_text())
+    assert config["rtpurbo"]["plan"]["query_stride"] == plan.query_stride
 
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         base_keys = set(f.keys())

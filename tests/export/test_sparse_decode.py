@@ -1,10 +1,10 @@
 """Sparse decoding with the exported model's cache agrees with the no-cache sparse forward.
 
-What is exact and what is not: a cached token selects key blocks from the mass of the queries of its
-query block seen so far, which is exactly what a no-cache forward over the prefix computes for that
-(last, partial) block. But a no-cache forward over a LONGER sequence gives the earlier tokens of a block
-more block-mates than they had when they were decoded, so their outputs (and the next layer's inputs)
-can differ. Hence:
+What is exact and what is not: a cached token selects key blocks from the mass of the sampled queries
+of its query block seen so far (the strided ones) and its own, which is exactly what a no-cache forward
+over the prefix computes for that (last, partial) block. But a no-cache forward over a LONGER sequence
+gives the earlier tokens of a block other sampled block-mates than they had when they were decoded, so
+their outputs (and the next layer's inputs) can differ. Hence:
 - one attention layer on fixed inputs: every cached output equals the no-cache output of the prefix
   that ends at that token (decode steps and multi-token extends), for top-p and top-k;
 - a one-layer model (the attention sees embeddings, which do not depend on earlier selections): step
@@ -31,7 +31,8 @@ def _sparse_layer(**plan_settings):
     return model, model.model.layers[0].self_attn
 
 
-@pytest.mark.parametrize("selection", [{"top_p": 0.6}, {"top_k": 2}])
+@pytest.mark.parametrize("selection", [{"top_p": 0.6}, {"top_k": 2}, {"top_p": 0.6, "query_stride": 1},
+                                       {"top_p": 0.6, "query_stride": 4}])
 def test_cached_attention_equals_no_cache_prefix(selection):
     model, attn = _sparse_layer(**selection)
     T = 100

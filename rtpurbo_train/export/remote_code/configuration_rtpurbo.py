@@ -53,6 +53,9 @@ class RTPurboSparsityConfig:
     local_blocks: int
     indexer_scale: float
     retrieval_kv_heads: tuple[tuple[int, ...], ...]
+    # A query block's selection averages its rows m % query_stride == query_stride - 1 and its last row
+    # (1 = every row; folders exported before the setting existed use 1).
+    query_stride: int = 1
 
     @property
     def group(self) -> int:
@@ -107,7 +110,7 @@ class RTPurboSparsityConfig:
             sink_blocks=int(section.get("sink_blocks", max(1, math.ceil(sink_tokens / block_size)))),
             local_blocks=int(section.get("local_blocks", 2)),
             indexer_scale=float(section.get("indexer_scale", 1.0 / math.sqrt(indexer_dim))),
-            retrieval_kv_heads=tuple(retrieval),
+            retrieval_kv_heads=tuple(retrieval), query_stride=int(plan.get("query_stride", 1)),
         )
         settings._check_ranges()
         return settings
@@ -122,6 +125,9 @@ class RTPurboSparsityConfig:
             problems.append("sink_tokens, sink_blocks and local_blocks must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p {self.top_p} must be in (0, 1]")
+        qs = self.query_stride
+        if qs < 1 or qs > self.block_size or qs & (qs - 1):
+            problems.append(f"query_stride {qs} must be a power of two in [1, block_size]")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"top_k {self.top_k} must be >= 1")
         if problems:

@@ -10,18 +10,19 @@ Semantics (docs/INTERFACES.md of rtpurbo-train; identical to the training-time s
 i and key j (absolute positions), block size bs:
 - streaming KV heads: j <= i and (i - j < window or j < sink_tokens);
 - retrieval KV heads: qi = Wq q_pre, ki = Wk k_pre (pre-RoPE, per head), p_m = softmax_{n<=m}(scale qi_m.ki_n);
-  mass[qb, kb] = mean over the queries m of query block qb (those that exist) and the G query heads of the
-  group of sum_{n in kb} p_m(n); chosen = smallest prefix of the blocks kb <= qb sorted by mass (desc,
+  mass[qb, kb] = mean over the sampled queries m of query block qb and the G query heads of the group of
+  sum_{n in kb} p_m(n), where the sampled queries are m % query_stride == query_stride - 1 and the block's
+  last existing query (query_stride 1: every query); chosen = smallest prefix of the blocks kb <= qb sorted by mass (desc,
   ties by index) whose sum reaches top_p (or the top_k heaviest), plus sink and local blocks; query i
   sees key j iff j <= i and j // bs is chosen for i // bs;
 - softmax attention over the visible keys with the model's `scaling`, then o_proj.
 Dense (plain causal) attention when the prompt is shorter than `seqlen_threshold` (> 0).
 
 Decoding: the cache (cache_rtpurbo.py) keeps only sink + window tokens on streaming heads. A decoded
-token's selection averages the mass over the queries of its query block seen so far (the earlier ones
-are accumulated in the cache), which is what a no-cache forward over the whole sequence computes for a
-last, partial block. (Tokens decoded earlier in that block saw fewer block-mates than a later no-cache
-forward gives them, so their hidden states, and so later layers' inputs, may differ slightly.)
+token's selection averages the mass of the strided queries of its query block seen so far (accumulated
+in the cache) and its own, which is what a no-cache forward over the whole sequence computes for a
+last, partial block. (Tokens decoded earlier in that block saw other sampled block-mates than a later
+no-cache forward gives them, so their hidden states, and so later layers' inputs, may differ slightly.)
 A decode step (one token, cache present) runs only fixed-shape tensor ops, so the host never waits for
 the device: the retrieval heads score every cached indexer key, choose blocks by sort/cumsum/scatter and
 attend to the whole cache under a token mask (no gather of the chosen blocks); the streaming heads attend
@@ -102,32 +103,51 @@ def select_blocks(mass: torch.Tensor, q_blocks: torch.Tensor, s: RTPurboSparsity
     return (chosen | forced) & causal
 
 
-def indexer_block_sums(qi: torch.Tensor, ki: torch.Tensor, start: int, scale: float, block_size: int):
-    """Indexer mass of the query rows at positions start .. start+R-1, summed per query block.
+def indexer_block_sums(qi: torch.Tensor, ki: torch.Tensor, start: int, scale: float, block_size: int,
+                       query_stride: int = 1):
+    """Indexer mass of the sampled query rows among positions start .. start+R-1, summed per query block.
 
     qi [B, Hr, G, R, d] (query heads grouped by KV head), ki [B, Hr, N, d] keys 0..N-1 with
-    N = start + R. Returns (sums float32 [B, Hr, nqb, NKB] = sum over the block's rows and the G heads of
-    each row's mass per key block, rows int [nqb] = rows per block); nqb counts the blocks the rows touch.
+    N = start + R. The sampled rows are the strided ones, m % query_stride == query_stride - 1 (every row
+    for 1), which later tokens never change. Returns (sums float32 [B, Hr, nqb, NKB] = sum over the
+    block's strided rows and the G heads of each row's mass per key block, rows int [nqb] = strided rows
+    per block, tail float32 [B, Hr, NKB] = the mass of the last row start+R-1 when it is not strided, else
+    None); nqb counts the blocks the rows touch. A block's selection averages its strided rows and, for
+    the block that ends the sequence, also its last row (the tail).
     """
     B, Hr, G, R, d = qi.shape
     N = ki.shape[2]
     bs = block_size
-    scores = torch.matmul(qi.float().reshape(B, Hr, G * R, d), ki.float().transpose(-1, -2)) * scale
-    scores = scores.view(B, Hr, G, R, N)
-    q_pos = torch.arange(start, start + R, device=qi.device)
+    S = query_stride
+    last = start + R - 1
+    if S > 1:  # score only the sampled rows: strided ones and the last
+        keep = [m - start for m in range(start, start + R) if m % S == S - 1 or m == last]
+        rows_at = torch.tensor(keep, device=qi.device)
+        qi = qi.index_select(3, rows_at)
+    else:
+        rows_at = torch.arange(R, device=qi.device)
+    n = qi.shape[3]
+    scores = torch.matmul(qi.float().reshape(B, Hr, G * n, d), ki.float().transpose(-1, -2)) * scale
+    scores = scores.view(B, Hr, G, n, N)
+    q_pos = rows_at + start
     k_pos = torch.arange(N, device=qi.device)
     scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # every row sees its own key
     nkb = -(-N // bs)
-    probs = F.pad(probs, (0, nkb * bs - N)).view(B, Hr, G, R, nkb, bs).sum(-1).sum(2)  # [B, Hr, R, nkb]
+    probs = F.pad(probs, (0, nkb * bs - N)).view(B, Hr, G, n, nkb, bs).sum(-1).sum(2)  # [B, Hr, n, nkb]
+    tail = None
+    if last % S != S - 1:
+        tail, probs, rows_at = probs[:, :, -1], probs[:, :, :-1], rows_at[:-1]
     lead = start % bs
     nqb = -(-(lead + R) // bs)
-    probs = F.pad(probs, (0, 0, lead, nqb * bs - lead - R))
-    sums = probs.view(B, Hr, nqb, bs, nkb).sum(3)
+    slot = rows_at + lead  # row position within the padded span of whole blocks
+    dense_rows = probs.new_zeros(B, Hr, nqb * bs, nkb).index_copy_(2, slot, probs)
+    sums = dense_rows.view(B, Hr, nqb, bs, nkb).sum(3)
     first = start // bs
-    edges = torch.arange(first, first + nqb + 1) * bs
-    rows = (edges[1:].clamp(max=start + R) - edges[:-1].clamp(min=start)).tolist()
-    return sums, rows
+    edges = [(first + j) * bs for j in range(nqb + 1)]
+    # strided rows of [lo, hi): m % S == S - 1
+    rows = [min(hi, start + R) // S - max(lo, start) // S for lo, hi in zip(edges[:-1], edges[1:])]
+    return sums, rows, tail
 
 
 # ---- attention over chosen keys (PyTorch) ------------------------------------------------------------------
@@ -187,22 +207,29 @@ def streaming_attention(q, k, v, k_pos, start, s: RTPurboSparsityConfig, scaling
 def retrieval_attention(q, k, v, qi, ki, start, carry, s: RTPurboSparsityConfig, scaling):
     """Indexer-selected blocks. q [B, Hr, G, T, D] and qi [B, Hr, G, T, d] at positions start..start+T-1;
     k/v [B, Hr, N, D], ki [B, Hr, N, d] for positions 0..N-1 (N = start + T).
-    `carry` = (sums [B, Hr, nkb], rows) already accumulated for the query block holding `start` (decode),
-    or None. Returns (out float32 [B, Hr, G, T, D], carry for the last block if it is unfinished, else None).
+    `carry` = (sums [B, Hr, nkb], rows) of the strided rows already seen in the query block holding `start`
+    (decode), or None. Returns (out float32 [B, Hr, G, T, D], carry for the last block if it is unfinished,
+    else None).
     """
     B, Hr, G, T, D = q.shape
     bs, end = s.block_size, start + T
     rows = _rows_per_chunk(B * Hr * G, end, bs)
     outs, new_carry = [], None
     for a, b in _chunks(start, end, rows, bs):
-        sums, counts = indexer_block_sums(qi[:, :, :, a - start:b - start], ki[:, :, :b], a, s.indexer_scale, bs)
+        sums, counts, tail = indexer_block_sums(qi[:, :, :, a - start:b - start], ki[:, :, :b], a, s.indexer_scale,
+                                                bs, s.query_stride)
         if carry is not None and a == start:
             sums[:, :, 0, :carry[0].shape[-1]] += carry[0]
             counts[0] += carry[1]
         first = a // bs
         q_blocks = torch.arange(first, first + len(counts), device=q.device)
-        denom = torch.tensor(counts, dtype=torch.float32, device=q.device) * G
-        chosen = select_blocks(sums / denom[:, None], q_blocks, s)  # [B, Hr, nqb, nkb]
+        picked, rows = sums, list(counts)
+        if tail is not None:  # the sequence's last row, not a strided one: its block's selection adds it
+            picked = sums.clone()
+            picked[:, :, -1] += tail
+            rows[-1] += 1
+        denom = torch.tensor(rows, dtype=torch.float32, device=q.device) * G
+        chosen = select_blocks(picked / denom[:, None], q_blocks, s)  # [B, Hr, nqb, nkb]
         q_pos = torch.arange(a, b, device=q.device)
         k_pos = torch.arange(b, device=q.device)
         visible = chosen[:, :, q_pos // bs - first][..., k_pos // bs] & (k_pos[None, :] <= q_pos[:, None])
@@ -249,9 +276,10 @@ def retrieval_decode_bias(qi: torch.Tensor, ki_blocks: torch.Tensor, carry, t: i
     """The keys the query at position t sees on each retrieval head, as an additive attention mask.
 
     qi [B, Hr, G, d]; ki_blocks float32 [B, Hr, NKB * bs, d]: indexer keys 0..t, then zeros; `carry` float32
-    [B, Hr, NKB] = the mass of the earlier queries of t's block, or None at a block's first query.
-    Returns (bias `dtype` [B, Hr, 1, t + 1]: 0 where visible, -inf elsewhere; the block's mass so far
-    float32 [B, Hr, NKB])."""
+    [B, Hr, NKB] = the mass of the earlier strided queries of t's block (rows m % S == S - 1), or None
+    when there are none. t's selection averages those and t itself (the no-cache rule for a last row).
+    Returns (bias `dtype` [B, Hr, 1, t + 1]: 0 where visible, -inf elsewhere; the strided mass so far
+    float32 [B, Hr, NKB], or None)."""
     B, Hr, G, _ = qi.shape
     bs = s.block_size
     nkb = t // bs + 1
@@ -261,9 +289,11 @@ def retrieval_decode_bias(qi: torch.Tensor, ki_blocks: torch.Tensor, carry, t: i
     sums = torch.softmax(scores, dim=-1).view(B, Hr, G, nkb, bs).sum(dim=(2, 4))
     if carry is not None:
         sums = sums + carry
-    chosen = select_blocks_decode(sums / float((t % bs + 1) * G), nkb - 1, s)
+    S = s.query_stride
+    chosen = select_blocks_decode(sums / float(((t % bs) // S + 1) * G), nkb - 1, s)
     bias = chosen.to(dtype).log()  # per block: log 1 = 0 (chosen), log 0 = -inf
-    return bias[..., None].expand(B, Hr, nkb, bs).reshape(B, Hr, 1, nkb * bs)[..., :t + 1], sums
+    strided = sums if t % S == S - 1 else carry
+    return bias[..., None].expand(B, Hr, nkb, bs).reshape(B, Hr, 1, nkb * bs)[..., :t + 1], strided
 
 
 # ---- the kernel path (rtpurbo_kernels on CUDA) -----------------------------------------------------------------
@@ -274,52 +304,24 @@ def _kernels():
     return importlib.import_module("rtpurbo_kernels")
 
 
-# Up to this many blocks the index is as wide as the mask: no device sync to find the widest row.
-MAX_STATIC_WIDTH = 1024
-
-
-def _mask_to_block_index(mask: torch.Tensor):
-    """bool [..., N] -> (idx int32 [..., MAXB] ascending, -1 padded; cnt int32 [...]) (INTERFACES.md layout).
-    MAXB = N for N <= MAX_STATIC_WIDTH, else the widest row (read back from the device)."""
-    n = mask.shape[-1]
-    cnt = mask.sum(-1)
-    if n <= MAX_STATIC_WIDTH:
-        maxb = max(1, n)
-    else:
-        maxb = max(1, int(cnt.max())) if cnt.numel() else 1
-    keyed = torch.where(mask, torch.arange(n, device=mask.device), n)
-    idx = torch.sort(keyed, dim=-1).values[..., :maxb]
-    return torch.where(idx == n, -1, idx).to(torch.int32).contiguous(), cnt.to(torch.int32)
-
-
-def streaming_block_mask(num_blocks: int, s: RTPurboSparsityConfig, device) -> torch.Tensor:
-    """bool [NQB, NQB]: the sink blocks and every block the window of a query of the block touches."""
-    qb = torch.arange(num_blocks, device=device)[:, None]
-    kb = torch.arange(num_blocks, device=device)[None, :]
-    first_window_block = (qb * s.block_size - s.window + 1).clamp(min=0) // s.block_size
-    sink = kb < -(-s.sink_tokens // s.block_size)
-    return (sink | (kb >= first_window_block)) & (kb <= qb)
-
-
 def kernel_prefill(kern, q, k, v, qi, ki, heads: "LayerHeads", s: RTPurboSparsityConfig, scaling, backend):
-    """Whole-prompt sparse attention with `rtpurbo_kernels` (one block-sparse call for every head).
+    """Whole-prompt sparse attention with `rtpurbo_kernels`: the selection kernel for the retrieval heads,
+    one block index for the layer (the cached streaming rows merged with the selection) and one
+    block-sparse call for every head. A fixed sequence of launches with no host sync.
     q [B, Hq, T, D], k/v [B, Hkv, T, D]; qi [B, Hr, G, T, d], ki [B, Hr, T, d] or None -> [B, Hq, T, D]."""
     B, Hkv, T, _ = k.shape
-    nqb = -(-T // s.block_size)
-    mask = streaming_block_mask(nqb, s, q.device).expand(B, Hkv, nqb, nqb).clone()
+    stream = kern.streaming_block_index(T, s.window, s.sink_tokens, s.block_size, q.device)
     ret = heads.index("kv", q.device)
+    selection = None
     if qi is not None:
         Hr, G, d = qi.shape[1], qi.shape[2], qi.shape[-1]
         qi_t = qi.permute(0, 3, 1, 2, 4).reshape(B, T, Hr * G, d)
-        r_idx, r_cnt = kern.indexer_block_select(
+        selection = kern.indexer_block_select(
             qi_t, ki.transpose(1, 2), top_p=s.top_p, top_k=s.top_k, block_size=s.block_size,
-            sink_blocks=s.sink_blocks, local_blocks=s.local_blocks, scale=s.indexer_scale, backend=backend)
-        valid = torch.arange(r_idx.shape[-1], device=q.device) < r_cnt[..., None]
-        target = torch.where(valid, r_idx.long(), nqb)
-        r_mask = torch.zeros(B, Hr, nqb, nqb + 1, dtype=torch.bool, device=q.device).scatter_(-1, target, True)
-        mask.index_copy_(1, ret, r_mask[..., :nqb])  # not mask[:, ret] = ...: that waits for the GPU
-    idx, cnt = _mask_to_block_index(mask)
-    kv_window = torch.full((Hkv,), s.window, dtype=torch.int32, device=q.device).index_fill_(0, ret, 0)
+            sink_blocks=s.sink_blocks, local_blocks=s.local_blocks, scale=s.indexer_scale,
+            query_stride=s.query_stride, backend=backend)
+    idx, cnt = kern.merge_head_blocks(stream, selection, ret, B, Hkv)
+    kv_window = heads.kv_window(s.window, q.device)
     out, _ = kern.block_sparse_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, cnt, kv_window=kv_window,
         sink_tokens=s.sink_tokens, sm_scale=scaling, block_size=s.block_size, backend=backend)
@@ -356,6 +358,15 @@ class LayerHeads:
         key = (name, str(device))
         if key not in self._on:
             self._on[key] = torch.tensor(self.lists[name], dtype=torch.long, device=device)
+        return self._on[key]
+
+    def kv_window(self, window: int, device) -> torch.Tensor:
+        """int32 [Hkv]: `window` on streaming KV heads, 0 (no window) on retrieval heads."""
+        key = ("kv_window", window, str(device))
+        if key not in self._on:
+            flags = torch.full((len(self.lists["kv"]) + len(self.lists["stream_kv"]),), window, dtype=torch.int32)
+            flags[self.lists["kv"]] = 0
+            self._on[key] = flags.to(device)
         return self._on[key]
 
     def take(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -454,7 +465,7 @@ class RTPurboAttention(nn.Module):
                 kr, vr = cache.append_full(kr, vr)
                 ki = cache.append_indexer_keys(ki_new)
                 if start % s.block_size and cache.block_mass is not None:
-                    carry = (cache.block_mass, start % s.block_size)
+                    carry = (cache.block_mass, (start % s.block_size) // s.query_stride)
             o, carry = retrieval_attention(q[:, ret_q].view(B, -1, G, T, D), kr, vr, qi, ki, start, carry, s, self.scaling)
             out[:, ret_q] = o.reshape(B, -1, T, D)
             if cache is not None:
@@ -496,8 +507,9 @@ class RTPurboAttention(nn.Module):
             cache.block_mass = None
             if T % s.block_size:
                 a = T - T % s.block_size
-                sums, _ = indexer_block_sums(qi[:, :, :, a:], ki, a, s.indexer_scale, s.block_size)
-                cache.block_mass = sums[:, :, -1].clone()
+                sums, rows, _ = indexer_block_sums(qi[:, :, :, a:], ki, a, s.indexer_scale, s.block_size,
+                                                   s.query_stride)
+                cache.block_mass = sums[:, :, -1].clone() if rows[-1] else None
 
     def _rtpurbo_kernels(self, q):
         backend = self.rtpurbo_options.backend
