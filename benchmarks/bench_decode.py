@@ -25,50 +25,8 @@ import time
 
 import torch
 
+from export_shapes import LABELS, SHAPES, add_shape_arguments, apply_shape_defaults, build_and_export
 from result_file import emit, provenance
-
-
-# Each shape: the config class and its fields (None: the byte tokenizer's vocabulary), window and prompt.
-SHAPES = {
-    "qwen2-1.5b": dict(config="Qwen2Config", hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2,
-                       head_dim=128, vocab=None, rope_theta=None, tied=False, window=8192, prompt=32768),
-    "smollm2-135m": dict(config="LlamaConfig", hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3,
-                         head_dim=64, vocab=49152, rope_theta=100000.0, tied=True, window=1024, prompt=8192),
-}
-LABELS = {"qwen2-1.5b": "Qwen2-1.5B", "smollm2-135m": "SmolLM2-135M"}
-
-
-def model_config(args, tok):
-    import transformers
-
-    shape = SHAPES[args.shape]
-    extra = {} if shape["rope_theta"] is None else {"rope_theta": shape["rope_theta"]}
-    return getattr(transformers, shape["config"])(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-        vocab_size=shape["vocab"] or len(tok), max_position_embeddings=args.prompt + args.new + 64,
-        tie_word_embeddings=shape["tied"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **extra)
-
-
-def build_and_export(folder, args):
-    from transformers import AutoModelForCausalLM
-
-    from rtpurbo_train.attention import attach_sparsity
-    from rtpurbo_train.export import export_model
-    from rtpurbo_train.models import build_byte_tokenizer
-    from rtpurbo_train.plan import HeadLayout, SparsityPlan
-
-    tok = build_byte_tokenizer(model_max_length=args.prompt + args.new + 8)
-    cfg = model_config(args, tok)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    layout = HeadLayout.from_config(model.config)
-    scores = torch.rand(layout.num_layers, layout.num_q_heads, generator=torch.Generator().manual_seed(0)).tolist()
-    plan = SparsityPlan.from_scores(layout, scores, 0.15, window=args.window, top_p=0.9)
-    attach_sparsity(model, plan, backend="reference")
-    export_model(model, tok, plan, folder, dtype="bfloat16")
-    return plan
 
 
 def timed_generate(model, ids, new):
@@ -110,19 +68,16 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (qwen2-1.5b 32768, smollm2-135m 8192)")
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--window", type=int, default=None, help="streaming window (qwen2-1.5b 8192, smollm2-135m 1024)")
-    for name in ("layers", "hidden", "intermediate", "heads", "kv-heads", "head-dim"):
-        p.add_argument(f"--{name}", type=int, default=None, help="override the shape's value")
+    add_shape_arguments(p)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    for name, value in SHAPES[args.shape].items():
-        if getattr(args, name, 0) is None:
-            setattr(args, name, value)
+    apply_shape_defaults(args)
     if args.device != "cuda":
         torch.cuda.synchronize = lambda: None  # CPU smoke run of the script
 
     with tempfile.TemporaryDirectory() as folder:
-        plan = build_and_export(folder, args)
+        plan = build_and_export(folder, args, max_len=args.prompt + args.new)
         ids = torch.randint(3, 250, (1, args.prompt), device=args.device)
         rows = []
         for label, remote in (("dense (plain model)", False), ("sparse (exported RTPurbo)", True)):
