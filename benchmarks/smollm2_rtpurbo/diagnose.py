@@ -10,6 +10,9 @@ Every variant also scores the dense model (full attention, the reference) on the
 - `oracle_window`, `indexer_window` (on request): as `oracle` / `indexer`, but retrieval heads also keep
   the sliding window (the selection's forced local blocks widened to cover it): tests whether heads that
   become retrieval heads lose accuracy by losing their window.
+- `--query-strides 1 4 8 16`: every variant above runs once per selection query stride (rows named
+  `indexer@s8`, ...), so the cheap strided selection can be compared with the exact one (stride 1) on the
+  same prompts: needle accuracy, attention recall, sparsity and needle hit rate.
 
 Per variant: needle accuracy by length, recall and sparsity (all heads / retrieval heads) by layer, and
 for `oracle`/`indexer` the needle hit rate of every retrieval KV head: how often the block selection of
@@ -76,9 +79,11 @@ class OracleIndexer(torch.nn.Module):
 
 
 @contextmanager
-def variant(model, runtime, name: str):
+def variant(model, runtime, name: str, query_stride: int | None = None):
     plan = runtime.plan
     saved_plan, swapped, select = plan, [], rtpurbo_kernels.indexer_block_select
+    if query_stride is not None:
+        plan = runtime.plan = plan.model_copy(update={"query_stride": query_stride})
     if name.endswith("_window"):  # retrieval heads keep the window: force the blocks it spans
         local = plan.window // plan.block_size + 1
         rtpurbo_kernels.indexer_block_select = lambda *a, **kw: select(*a, **{**kw, "local_blocks": local})
@@ -209,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    ap.add_argument("--query-strides", type=int, nargs="+", default=None,
+                    help="run each variant at these selection query strides (default: the plan's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -237,12 +244,15 @@ def main(argv=None) -> int:
                "indexers": source, "variants": {},
                "retrieval_heads": {str(i): plan.retrieval_kv_heads(i) for i in range(plan.model.num_layers)}}
     retrieval_layers = [i for i in range(plan.model.num_layers) if plan.retrieval_kv_heads(i)]
-    for name in args.variants:
+    runs = [(name, None) for name in args.variants] if not args.query_strides else \
+        [(name, s) for name in args.variants for s in args.query_strides]
+    for base_name, stride in runs:
+        name = base_name if stride is None else f"{base_name}@s{stride}"
         t0 = time.perf_counter()
-        with variant(model, runtime, name), recorded_selections() as calls:
+        with variant(model, runtime, base_name, stride), recorded_selections() as calls:
             records, by_length = score_needles(model, runtime, prompts, args.device, progress=False)
         row = {"dense": {}, "sparse": {}, "metrics": {str(n): m for n, m in by_length.items()}}
-        if name != "retrieval_full":
+        if base_name != "retrieval_full":
             row["needle_hits"] = needle_hits(calls, prompts, plan, retrieval_layers)
         for n in args.lengths:
             cell = [r for r in records if r["length"] == n]

@@ -140,10 +140,10 @@ def indexer_strided_block_mass_kernel(
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     T, HKV, D, scale2,
-    G: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    G: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    R: tl.constexpr = BLOCK // STRIDE  # sampled rows of a full block
+    # R = BLOCK // STRIDE: the sampled rows of a full block
     nqb = tl.cdiv(T, BLOCK)
     qb = nqb - 1 - tl.program_id(0)  # heavy (late) query blocks first
     bh = tl.program_id(1)  # b * HKV + hk
@@ -226,7 +226,7 @@ def block_mass_triton(qi, ki, *, block_size=64, scale=None, out=None, query_stri
             qi.stride(0), qi.stride(1), qi.stride(2),
             ki.stride(0), ki.stride(1), ki.stride(2),
             T, Hkv, d, scale2,
-            G=G, STRIDE=query_stride, BLOCK=block_size, BLOCK_D=block_d,
+            G=G, STRIDE=query_stride, R=block_size // query_stride, BLOCK=block_size, BLOCK_D=block_d,
             ROWS=strided_rows_tile(G, block_size, query_stride), DOT_PRECISION=dot_precision(qi.dtype),
             UPCAST=upcast_for_interpreter(qi), **LAUNCH["strided"],
         )
