@@ -1,18 +1,25 @@
 """Triton kernels for the fused indexer KL loss (forward and backward); no T x T tensor anywhere.
 
-Forward, `indexer_kl_fwd_kernel`, grid (NQB, B * Hq), one pass over the visible key blocks with two
-online softmaxes (full scores from q, k; indexer scores from qi, ki). It carries, per query row,
+Forward, `indexer_kl_fwd_kernel`, grid (number of sampled query blocks, B * Hq): program p handles
+query block qb = NQB-1 - p*S (S = query_block_stride; S = 1: every block) in one pass over the
+visible key blocks with two online softmaxes (full scores from q, k; indexer scores from qi, ki).
+It carries, per query row,
   running max/sum of both distributions, A = sum_n exp(s_full - max) * (s_full - s_idx), and the
   two "attention outputs" O_x = sum_n exp(s_x - max_x) * ki_n,
 so at the end KL(m) = E_pfull[s_full - s_idx] - lse_full + lse_idx and, because
 d KL(m) / d s_idx(m, n) = p_idx - p_full, dqi_m / scale = O_idx / l_idx - O_full / l_full:
-the qi gradient comes out of the forward pass at the cost of two [64, d] accumulators.
+the qi gradient comes out of the forward pass at the cost of two [64, d] accumulators. With S > 1
+each program also writes KL = 0 and dqi = 0 on the S - 1 unsampled blocks below its own
+(qb-1 .. max(qb-S+1, 0)), so every element of the [B, Hq, T] KL rows and of dqi is written, once, by
+some program (the lse of unsampled rows are left unwritten: nothing reads them).
 
 Backward, `indexer_kl_bwd_dk_kernel`, grid (NKB, B * Hkv): one program per key block and KV head
-walks the G query heads of the group and, for each, the query blocks that see it (all qb >= kb, or
-the transposed selection lists), recomputes p_full and p_idx from the saved lse, and accumulates
-dki_n = sum_m (p_idx - p_full)(m, n) qi_m in registers. No atomics: each program owns its key block,
-so results are deterministic and the group sum over G heads is free.
+walks the G query heads of the group and, for each, the sampled query blocks that see it (dense:
+the qb >= kb with qb = NQB-1 mod S, i.e. every qb >= kb when S = 1; sparse: the transposed selection
+lists, built from a selection whose unsampled query blocks have count 0), recomputes p_full and
+p_idx from the saved lse, and accumulates dki_n = sum_m (p_idx - p_full)(m, n) qi_m in registers.
+No atomics: each program owns its key block, so results are deterministic and the group sum over
+G heads is free.
 
 All exponentials are base 2 (scores pre-multiplied by log2 e); saved lse are base 2.
 """
@@ -22,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..indexer_select.block_mass_triton import LOG2E, dot_precision, padded_dim, upcast_for_interpreter
+from .naive import sampled_row_count
 from .transpose_selection import query_blocks_per_key_block
 
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: jit code may read only constexpr globals
@@ -36,13 +44,13 @@ def indexer_kl_fwd_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
-    MAXB, T, HQ, G, D, DI, sm_scale2, scale2,
+    MAXB, T, HQ, G, D, DI, sm_scale2, scale2, QSTRIDE,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
     SPARSE: tl.constexpr, NEED_DQ: tl.constexpr,
     SCORE_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     nqb = tl.cdiv(T, BLOCK)
-    qb = nqb - 1 - tl.program_id(0)  # query blocks with the most keys first
+    qb = nqb - 1 - tl.program_id(0) * QSTRIDE  # sampled query blocks, the most keys first
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
@@ -139,6 +147,20 @@ def indexer_kl_fwd_kernel(
         dq_ptrs = DQ + ((b.to(tl.int64) * T + rows64) * HQ + h) * DI + offs_e[None, :]
         tl.store(dq_ptrs, dq, mask=row_ok[:, None] & (offs_e[None, :] < DI))
 
+    # Query-block subsampling: the unsampled blocks qb-1 .. max(qb-QSTRIDE+1, 0) below this one belong
+    # to this program; their rows contribute KL = 0 and dqi = 0. Their lse stay unwritten: the backward
+    # never reads them (the NaN-poisoned tests would catch it). All of them are full blocks (only the
+    # sequence's last block, always sampled, can be partial); the mask is a guard.
+    n_skip = tl.minimum(QSTRIDE - 1, qb)
+    for z in range(0, n_skip):
+        offs_z = (qb - 1 - z) * BLOCK + tl.arange(0, BLOCK)
+        z_ok = offs_z < T
+        tl.store(KL + bh.to(tl.int64) * T + offs_z, tl.zeros([BLOCK], tl.float32), mask=z_ok)
+        if NEED_DQ:
+            z64 = offs_z[:, None].to(tl.int64)
+            dz_ptrs = DQ + ((b.to(tl.int64) * T + z64) * HQ + h) * DI + offs_e[None, :]
+            tl.store(dz_ptrs, tl.zeros([BLOCK, BLOCK_DI], tl.float32), mask=z_ok[:, None] & (offs_e[None, :] < DI))
+
 
 @triton.jit
 def indexer_kl_bwd_dk_kernel(
@@ -148,7 +170,7 @@ def indexer_kl_bwd_dk_kernel(
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     MAXQ, T, HQ, HKV, D, DI, sm_scale2, scale2,
-    G, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
+    G, QSTRIDE, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
     SPARSE: tl.constexpr, SCORE_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     nqb = tl.cdiv(T, BLOCK)
@@ -178,7 +200,10 @@ def indexer_kl_bwd_dk_kernel(
     if SPARSE:
         n_blocks = tl.load(QCNT + list_row)
     else:
-        n_blocks = nqb - kb
+        # Sampled query blocks are qb = NQB-1 (mod S); the first one >= kb, then every S-th up to NQB-1
+        # (S = 1: kb, kb+1, ..., NQB-1). NQB-1 >= kb is always sampled, so there is at least one.
+        qb_first = kb + (nqb - 1 - kb) % QSTRIDE
+        n_blocks = (nqb - 1 - qb_first) // QSTRIDE + 1
     # Heads outer, query blocks inner: the pipelined (inner) loop then stages one head's tiles, not
     # G of them (a static G loop inside overflowed shared memory at G = 4, fp32, num_stages = 3).
     for g in range(0, G):
@@ -190,7 +215,7 @@ def indexer_kl_bwd_dk_kernel(
             if SPARSE:
                 qb = tl.load(QIDX + x_base + j)
             else:
-                qb = kb + j
+                qb = qb_first + j * QSTRIDE
             offs_m = qb * BLOCK + offs_m0
             row_ok = offs_m < T
             rows64 = offs_m[:, None].to(tl.int64)
@@ -233,13 +258,19 @@ def _launch_common(q, k, qi, ki, block_size):
     )
 
 
-def kl_forward_triton(q, k, qi, ki, *, sm_scale, scale, block_idx, block_cnt, block_size, need_dq):
+def kl_forward_triton(q, k, qi, ki, *, sm_scale, scale, block_idx, block_cnt, block_size, need_dq,
+                      query_block_stride=1):
     """-> (kl_rows float32 [B, Hq, T], lse_full2, lse_idx2 float32 [B, Hq, T] (base 2),
-    dq_partial float32 [B, T, Hq, d] = O_idx/l_idx - O_full/l_full, or None)."""
+    dq_partial float32 [B, T, Hq, d] = O_idx/l_idx - O_full/l_full, or None).
+
+    Only the sampled query blocks (NQB-1, NQB-1-S, ...) are computed; rows of the other blocks come
+    back with kl = 0 and dq_partial = 0 (written by the kernel: no extra pass) and unwritten lse
+    (uninitialised: the backward reads only sampled rows)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     d = qi.shape[-1]
     nqb = triton.cdiv(T, block_size)
+    n_sampled = (nqb - 1) // query_block_stride + 1
     dev = q.device
     kl = empty_buffer(B, Hq, T, device=dev)
     lse_f = empty_buffer(B, Hq, T, device=dev)
@@ -251,19 +282,21 @@ def kl_forward_triton(q, k, qi, ki, *, sm_scale, scale, block_idx, block_cnt, bl
     else:
         bidx = bcnt = torch.zeros(1, dtype=torch.int32, device=dev)
     c = _launch_common(q, k, qi, ki, block_size)
-    indexer_kl_fwd_kernel[(nqb, B * Hq)](
+    indexer_kl_fwd_kernel[(n_sampled, B * Hq)](
         q, k, qi, ki, bidx, bcnt, kl, lse_f, lse_i, dq,
         *c["strides"],
         bidx.shape[-1] if sparse else 1, T, Hq, Hq // Hkv, D, d, float(sm_scale) * LOG2E, float(scale) * LOG2E,
-        SPARSE=sparse, NEED_DQ=need_dq, **c["meta"], **LAUNCH["fwd"],
+        query_block_stride, SPARSE=sparse, NEED_DQ=need_dq, **c["meta"], **LAUNCH["fwd"],
     )
     return kl, lse_f, lse_i, (dq if need_dq else None)
 
 
-def kl_backward_dk_triton(q, k, qi, ki, lse_f, lse_i, *, sm_scale, scale, query_lists, block_size):
-    """-> dki_partial float32 [B, T, Hkv, d] = sum over the group's heads and queries of
-    (p_idx - p_full)(m, n) qi_m. `query_lists` = (qidx, qcnt) from `query_blocks_per_key_block`, or
-    None for dense causal."""
+def kl_backward_dk_triton(q, k, qi, ki, lse_f, lse_i, *, sm_scale, scale, query_lists, block_size,
+                          query_block_stride=1):
+    """-> dki_partial float32 [B, T, Hkv, d] = sum over the group's heads and sampled queries of
+    (p_idx - p_full)(m, n) qi_m. `query_lists` = (qidx, qcnt) from `query_blocks_per_key_block` (built
+    from a selection that holds only sampled query blocks: `sampled_selection_counts`), or None for
+    dense causal (the kernel then walks the sampled qb >= kb itself, from query_block_stride)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     d = qi.shape[-1]
@@ -280,24 +313,34 @@ def kl_backward_dk_triton(q, k, qi, ki, lse_f, lse_i, *, sm_scale, scale, query_
         q, k, qi, ki, qidx, qcnt, lse_f, lse_i, dk,
         *c["strides"],
         qidx.shape[-1] if sparse else 1, T, Hq, Hkv, D, d, float(sm_scale) * LOG2E, float(scale) * LOG2E,
-        G=Hq // Hkv, SPARSE=sparse, **c["meta"], **LAUNCH["bwd_dk"],
+        G=Hq // Hkv, QSTRIDE=query_block_stride, SPARSE=sparse, **c["meta"], **LAUNCH["bwd_dk"],
     )
     return dk
+
+
+def sampled_selection_counts(block_cnt, query_block_stride):
+    """block_cnt [B, Hkv, NQB] with the counts of unsampled query blocks (qb != NQB-1 mod S) set to 0,
+    so `query_blocks_per_key_block` lists only sampled query blocks. On the device, no host sync."""
+    nqb = block_cnt.shape[-1]
+    qb = torch.arange(nqb, device=block_cnt.device)
+    sampled = (nqb - 1 - qb) % query_block_stride == 0
+    return torch.where(sampled, block_cnt, torch.zeros((), dtype=block_cnt.dtype, device=block_cnt.device))
 
 
 class IndexerKLTriton(torch.autograd.Function):
     """Fused KL loss; gradients to qi and ki only (q, k are constants: their gradient is None)."""
 
     @staticmethod
-    def forward(ctx, q, k, qi, ki, block_idx, block_cnt, sm_scale, scale, block_size):
+    def forward(ctx, q, k, qi, ki, block_idx, block_cnt, sm_scale, scale, block_size, query_block_stride=1):
         need_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         q, k, qi, ki = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, qi, ki))
         kl, lse_f, lse_i, dq = kl_forward_triton(
             q, k, qi, ki, sm_scale=sm_scale, scale=scale, block_idx=block_idx, block_cnt=block_cnt,
-            block_size=block_size, need_dq=need_grad)
+            block_size=block_size, need_dq=need_grad, query_block_stride=query_block_stride)
         B, T, Hq, _ = q.shape
-        ctx.count = B * Hq * T
+        ctx.count = B * Hq * sampled_row_count(T, block_size, query_block_stride)  # = B * Hq * T at S = 1
         ctx.scale, ctx.sm_scale, ctx.block_size = scale, sm_scale, block_size
+        ctx.query_block_stride = query_block_stride
         if need_grad:
             ctx.save_for_backward(q, k, qi, ki, lse_f, lse_i, dq, block_idx, block_cnt)
         return kl.sum() / ctx.count
@@ -310,10 +353,12 @@ class IndexerKLTriton(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dqi = (dq * coef).to(qi.dtype)
         if ctx.needs_input_grad[3]:
+            S = ctx.query_block_stride
             lists = None
             if block_idx is not None:
-                lists = query_blocks_per_key_block(block_idx, block_cnt, triton.cdiv(q.shape[1], ctx.block_size))
+                cnt = block_cnt if S == 1 else sampled_selection_counts(block_cnt, S)
+                lists = query_blocks_per_key_block(block_idx, cnt, triton.cdiv(q.shape[1], ctx.block_size))
             dk = kl_backward_dk_triton(q, k, qi, ki, lse_f, lse_i, sm_scale=ctx.sm_scale, scale=ctx.scale,
-                                       query_lists=lists, block_size=ctx.block_size)
+                                       query_lists=lists, block_size=ctx.block_size, query_block_stride=S)
             dki = (dk * coef).to(ki.dtype)
-        return None, None, dqi, dki, None, None, None, None, None
+        return None, None, dqi, dki, None, None, None, None, None, None

@@ -1,13 +1,15 @@
 """indexer_kl_loss: Triton (CPU interpreter) vs the PyTorch reference, both vs a dense float64
-computation, with NaN-poisoned kernel buffers and gradients checked to reach only qi and ki."""
+computation, with NaN-poisoned kernel buffers and gradients checked to reach only qi and ki; also the
+query-block subsampling (`query_block_stride`)."""
 import itertools
 
 import pytest
 import torch
 
 
-from rtpurbo_kernels.indexer_kl import indexer_kl_loss
+from rtpurbo_kernels.indexer_kl import indexer_kl_loss, indexer_kl_loss_reference
 from rtpurbo_kernels.indexer_kl import kl_triton
+from rtpurbo_kernels.indexer_kl.transpose_selection import query_blocks_per_key_block
 from rtpurbo_kernels.indexer_select import indexer_block_select
 from rtpurbo_kernels.indexer_select import naive as select_naive
 
@@ -42,9 +44,25 @@ def selection(qi, ki, bs=64, top_p=0.6):
     return indexer_block_select(qi.detach(), ki.detach(), top_p=top_p, block_size=bs, backend="reference")
 
 
-def dense_float64_kl(q, k, qi, ki, sm_scale, block_idx=None, block_cnt=None, bs=64):
+def sampled_rows_mask(T, bs, stride):
+    """bool [T]: the rows the subsampled loss averages over, from the rule with plain loops: query
+    blocks NQB-1, NQB-1-S, NQB-1-2S, ... >= 0 (NQB = ceil(T / bs)), all their rows m < T."""
+    nqb = -(-T // bs)
+    blocks = []
+    qb = nqb - 1
+    while qb >= 0:
+        blocks.append(qb)
+        qb -= stride
+    mask = torch.zeros(T, dtype=torch.bool)
+    for m in range(T):
+        mask[m] = (m // bs) in blocks
+    return mask
+
+
+def dense_float64_kl(q, k, qi, ki, sm_scale, block_idx=None, block_cnt=None, bs=64, rows=None):
     """Independent dense computation: full T x T in float64, the visibility mask built with explicit
-    loops from the INTERFACES.md rule, KL via log_softmax and torch.special.xlogy."""
+    loops from the INTERFACES.md rule, KL via log_softmax and torch.special.xlogy. `rows` (bool [T],
+    default all): the mean runs over these query rows only (count B * Hq * rows.sum())."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -52,14 +70,16 @@ def dense_float64_kl(q, k, qi, ki, sm_scale, block_idx=None, block_cnt=None, bs=
     qi64 = qi.detach().double().requires_grad_()
     ki64 = ki.detach().double().requires_grad_()
     visible = torch.zeros(B, Hkv, T, T, dtype=torch.bool)
+    if block_idx is not None:  # selected key blocks of each (b, h, query block), read once
+        chosen = {(b, h, qb): set(block_idx[b, h, qb, :block_cnt[b, h, qb]].tolist())
+                  for b, h, qb in itertools.product(range(B), range(Hkv), range(block_idx.shape[2]))}
     for i, j in itertools.product(range(T), range(T)):
         if j <= i:
             if block_idx is None:
                 visible[:, :, i, j] = True
             else:
                 for b, h in itertools.product(range(B), range(Hkv)):
-                    sel = block_idx[b, h, i // bs, :block_cnt[b, h, i // bs]].tolist()
-                    visible[b, h, i, j] = (j // bs) in sel
+                    visible[b, h, i, j] = (j // bs) in chosen[b, h, i // bs]
     visible = visible.repeat_interleave(G, dim=1)  # [B, Hq, T, T]
     s_full = sm_scale * torch.einsum("bmhd,bnhd->bhmn", q.detach().double(),
                                      k.detach().double().repeat_interleave(G, dim=2))
@@ -68,7 +88,9 @@ def dense_float64_kl(q, k, qi, ki, sm_scale, block_idx=None, block_cnt=None, bs=
     logp_idx = torch.log_softmax(s_idx.masked_fill(~visible, float("-inf")), -1)
     p_full = logp_full.exp()
     kl = torch.special.xlogy(p_full, p_full) - torch.where(visible, p_full * logp_idx, 0.0)
-    loss = kl.sum() / (B * Hq * T)
+    if rows is None:
+        rows = torch.ones(T, dtype=torch.bool)
+    loss = kl[:, :, rows].sum() / (B * Hq * int(rows.sum()))
     loss.backward()
     return loss.detach(), qi64.grad, ki64.grad
 
@@ -140,20 +162,24 @@ def test_selection_of_every_block_equals_dense(backend):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_reference_chunking_does_not_change_loss_or_grads(monkeypatch):
+@pytest.mark.parametrize("stride", [1, 3])
+def test_reference_chunking_does_not_change_loss_or_grads(monkeypatch, stride):
     q, k, qi, ki = random_inputs(1, 260, 1, 3, 16, 16, seed=9)
-    whole = loss_and_grads(q, k, qi, ki, sm_scale=0.25, backend="reference")
+    kw = dict(sm_scale=0.25, backend="reference", block_size=32, query_block_stride=stride)
+    whole = loss_and_grads(q, k, qi, ki, **kw)
     monkeypatch.setattr(select_naive, "CHUNK_BYTES", 1)  # one query block per chunk (checkpointed)
-    chunked = loss_and_grads(q, k, qi, ki, sm_scale=0.25, backend="reference")
+    chunked = loss_and_grads(q, k, qi, ki, **kw)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_no_grad_forward_matches():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_no_grad_forward_matches(poisoned_buffers, stride):
     q, k, qi, ki = random_inputs(1, 100, 1, 4, 16, 16, seed=12)
+    kw = dict(sm_scale=0.25, block_size=16, query_block_stride=stride)
     with torch.no_grad():
-        ref = indexer_kl_loss(q, k, qi, ki, sm_scale=0.25, backend="reference")
-        tri = indexer_kl_loss(q, k, qi, ki, sm_scale=0.25, backend="triton")
+        ref = indexer_kl_loss(q, k, qi, ki, backend="reference", **kw)
+        tri = indexer_kl_loss(q, k, qi, ki, backend="triton", **kw)
     torch.testing.assert_close(tri, ref, atol=1e-6, rtol=1e-5)
     assert ref.dtype == torch.float32 and ref.dim() == 0
 
@@ -169,3 +195,83 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="block_idx must be"):
         indexer_kl_loss(q, k, qi, ki, sm_scale=0.1, block_idx=torch.zeros(1, 1, 1, 1, dtype=torch.int32),
                         block_cnt=torch.ones(1, 2, 1, dtype=torch.int32))
+
+
+STRIDE_CASES = [  # S, B, T, Hkv, G, D, d, block size, sparse
+    (2, 1, 129, 2, 1, 64, 16, 32, False),  # NQB 5: blocks 4 (one row), 2, 0
+    (3, 2, 200, 1, 3, 128, 16, 32, True),  # NQB 7: 6, 3, 0
+    (5, 1, 333, 1, 4, 64, 16, 32, False),  # NQB 11: 10, 5, 0
+    (3, 1, 333, 1, 8, 32, 16, 32, True),  # NQB 11: 10, 7, 4, 1 (block 0 unsampled)
+    (2, 1, 200, 2, 4, 128, 16, 64, True),  # NQB 4: 3, 1
+    (5, 1, 129, 1, 3, 16, 16, 64, False),  # S > NQB = 3: only block 2
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("S,B,T,Hkv,G,D,d,bs,sparse", STRIDE_CASES)
+def test_query_block_stride_matches_dense_float64_on_sampled_rows(poisoned_buffers, backend, S, B, T, Hkv, G, D,
+                                                                  d, bs, sparse):
+    q, k, qi, ki = random_inputs(B, T, Hkv, G, D, d, seed=100 * S + T + G)
+    kw = dict(sm_scale=D ** -0.5, block_size=bs)
+    if sparse:
+        kw["block_idx"], kw["block_cnt"] = selection(qi, ki, bs=bs, top_p=0.5)
+        nqb = -(-T // bs)
+        assert (kw["block_cnt"] < torch.arange(1, nqb + 1)).any(), "the selection must actually drop blocks"
+    rows = sampled_rows_mask(T, bs, S)
+    want = dense_float64_kl(q, k, qi, ki, D ** -0.5, kw.get("block_idx"), kw.get("block_cnt"), bs, rows=rows)
+    got = loss_and_grads(q, k, qi, ki, backend=backend, query_block_stride=S, **kw)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), w, atol=1e-6, rtol=1e-4)
+    dqi = got[1]
+    assert (dqi[:, ~rows] == 0).all(), "rows outside the sampled blocks must get exactly zero gradient"
+    assert (dqi[:, rows] != 0).any() and (got[2] != 0).any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_query_block_stride_one_is_the_default(poisoned_buffers, backend, sparse):
+    q, k, qi, ki = random_inputs(1, 150, 2, 2, 32, 16, seed=31 + sparse)
+    kw = dict(sm_scale=0.2)
+    if sparse:
+        kw["block_idx"], kw["block_cnt"] = selection(qi, ki)
+    default = loss_and_grads(q, k, qi, ki, backend=backend, **kw)
+    explicit = loss_and_grads(q, k, qi, ki, backend=backend, query_block_stride=1, **kw)
+    for a, b in zip(default, explicit):
+        assert torch.equal(a, b)
+
+
+def test_sampled_selection_keeps_only_sampled_query_blocks(forbid_host_sync):
+    _, _, qi, ki = random_inputs(2, 300, 2, 1, 16, 16, seed=3)
+    block_idx, block_cnt = selection(qi, ki, bs=32, top_p=0.7)  # NQB 10
+    S = 4  # sampled: 9, 5, 1
+    with forbid_host_sync():
+        cnt = kl_triton.sampled_selection_counts(block_cnt, S)
+        qidx, qcnt = query_blocks_per_key_block(block_idx, cnt, 10)
+    for qb in range(10):
+        want = block_cnt[:, :, qb] if qb in (9, 5, 1) else torch.zeros_like(block_cnt[:, :, qb])
+        assert torch.equal(cnt[:, :, qb], want)
+    listed = {v for v in qidx.flatten().tolist() if v >= 0}
+    assert listed <= {9, 5, 1} and listed, listed
+    assert (qcnt <= 3).all()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_strided_reference_queues_without_host_sync(forbid_host_sync, sparse):
+    q, k, qi, ki = random_inputs(1, 200, 1, 2, 16, 16, seed=6)
+    kw = dict(sm_scale=0.2, block_size=32, query_block_stride=3, backend="reference")
+    if sparse:
+        kw["block_idx"], kw["block_cnt"] = selection(qi, ki, bs=32)
+    with forbid_host_sync():
+        indexer_kl_loss(q, k, qi, ki, **kw).backward()
+    assert torch.isfinite(qi.grad).all() and torch.isfinite(ki.grad).all()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_bad_query_block_stride_raises(bad):
+    q, k, qi, ki = random_inputs(1, 64, 1, 2, 16, 16)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match="query_block_stride"):
+            indexer_kl_loss(q, k, qi, ki, sm_scale=0.1, backend=backend, query_block_stride=bad)
+    with pytest.raises(ValueError, match="query_block_stride"):
+        indexer_kl_loss_reference(q, k, qi, ki, sm_scale=0.1, query_block_stride=bad)
