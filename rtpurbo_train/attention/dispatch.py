@@ -82,7 +82,7 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
             kl = rtpurbo_kernels.indexer_kl_loss(
                 q_ret.transpose(1, 2), k_ret.transpose(1, 2), qi, ki, sm_scale=scaling,
                 scale=module.indexer.scale, block_idx=sel_idx, block_cnt=sel_cnt, block_size=bs,
-                backend=runtime.backend)
+                query_block_stride=runtime.indexer_kl_stride, backend=runtime.backend)
             runtime.record("indexer_kl", layer.layer_idx, kl * layer.kl_share)
 
     if not need_sparse:

@@ -45,6 +45,7 @@ class SparseRuntime:
     mode: str = "full"
     indexer_kl: bool = False  # record the indexer KL loss in every retrieval layer
     indexer_kl_selected_only: bool = False  # restrict the KL to the selected blocks (DSA sparse stage)
+    indexer_kl_stride: int = 1  # the KL uses every S-th query block (training steps; evaluation uses 1)
     measure: bool = False  # record sparsity and recall metrics
     recall_queries: int = 64
     ssa_seed: int = 0
@@ -98,6 +99,15 @@ class SparseRuntime:
             yield self
         finally:
             self.measure = previous
+
+    @contextmanager
+    def exact_kl(self):
+        """The indexer KL over every query block (evaluation), whatever the training stride."""
+        previous, self.indexer_kl_stride = self.indexer_kl_stride, 1
+        try:
+            yield self
+        finally:
+            self.indexer_kl_stride = previous
 
     @contextmanager
     def teacher_pass(self):

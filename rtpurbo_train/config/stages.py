@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
+# `kl_query_block_stride: auto` keeps the indexer KL on about this many query positions per sequence.
+KL_AUTO_QUERY_ROWS = 8192
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -50,6 +53,15 @@ class TrainStage(Strict):
     save_every: int = Field(100, gt=0)
     eval_every: int = Field(0, ge=0, description="0 = only at the end of the stage")
     eval_batches: int = Field(2, gt=0)
+    kl_query_block_stride: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
+        "auto", description="the indexer KL (training steps only; evaluation is exact) uses every S-th query "
+        f"block, counting back from the last: O(T^2 / S). auto = max(1, seq_len // {KL_AUTO_QUERY_ROWS}), "
+        "so 1 up to 8K tokens")
+
+    def kl_stride(self) -> int:
+        if self.kl_query_block_stride == "auto":
+            return max(1, self.seq_len // KL_AUTO_QUERY_ROWS)
+        return int(self.kl_query_block_stride)
 
     @model_validator(mode="after")
     def _warmup(self):

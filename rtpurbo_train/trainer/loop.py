@@ -135,7 +135,7 @@ def evaluate_losses(engine, teacher, runtime, batches, stage, dp_world: int | No
     measured: dict[str, float] = defaultdict(float)
     was_training = engine.module.training
     engine.module.eval()
-    with runtime.measuring():
+    with runtime.measuring(), runtime.exact_kl():
         for i, batch in enumerate(batches):
             runtime.begin_step(-1 - i)
             loss, parts = micro_batch_losses(engine, teacher, runtime, batch, stage)

@@ -19,6 +19,7 @@ def prepare_stage_model(ctx, stage):
     """Set up ctx.model/ctx.runtime for `stage`; return the teacher (None = LoRA adapters disabled, or none)."""
     runtime = ctx.runtime
     runtime.indexer_kl_selected_only = False
+    runtime.indexer_kl_stride = stage.kl_stride()
     ctx.model.train()
     if stage.type == "indexer_warmup":
         runtime.set_mode("full")
