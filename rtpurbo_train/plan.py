@@ -13,9 +13,20 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-# The selection's query stride (kernels/indexer_select/README.md); the choice is measured in
-# benchmarks/results/selection_quality_h200.md.
-DEFAULT_QUERY_STRIDE = 8
+# The selection's query stride (kernels/indexer_select/README.md). A plan file without the field keeps
+# the exact selection; recipes choose by length (`query_stride_for`), as measured in
+# benchmarks/results/selection_h200.md.
+DEFAULT_QUERY_STRIDE = 1
+# From this training length on, `sparsity.query_stride: auto` uses LONG_CONTEXT_QUERY_STRIDE: there the
+# exact selection costs a third of the sparse attention, the strided one 5%; below it the exact
+# selection is cheap in absolute terms and keeps the quality of the short SmolLM2 runs.
+LONG_CONTEXT_LENGTH = 32768
+LONG_CONTEXT_QUERY_STRIDE = 8
+
+
+def query_stride_for(seq_len: int) -> int:
+    """The `auto` query stride for a model trained at `seq_len` tokens."""
+    return LONG_CONTEXT_QUERY_STRIDE if seq_len >= LONG_CONTEXT_LENGTH else 1
 
 class HeadLayout(BaseModel):
     model_config = ConfigDict(extra="forbid")

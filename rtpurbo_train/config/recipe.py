@@ -1,13 +1,13 @@
 """The recipe: one YAML file, validated into these types before any model is loaded."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
 from ..data import DataConfig
 from ..models import ModelConfig
-from ..plan import DEFAULT_QUERY_STRIDE
+from ..plan import LONG_CONTEXT_LENGTH, LONG_CONTEXT_QUERY_STRIDE
 from .stages import STAGE_TYPES, Stage, Strict
 
 
@@ -20,8 +20,10 @@ class SparsitySettings(Strict):
     indexer_dim: int = Field(16, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: Optional[int] = Field(None, gt=0, description="fixed top-k blocks instead of top-p")
-    query_stride: int = Field(DEFAULT_QUERY_STRIDE, ge=1, description="block selection scores every S-th query "
-                              "of a block and its last (a power of two <= 64; 1 = every query, the exact oracle)")
+    query_stride: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
+        "auto", description="block selection scores every S-th query of a block and its last (a power of two "
+        f"<= 64; 1 = every query, the exact oracle); auto = {LONG_CONTEXT_QUERY_STRIDE} when the longest training "
+        f"stage runs >= {LONG_CONTEXT_LENGTH} tokens, else 1")
     seqlen_threshold: int = Field(0, ge=0, description="exported model: dense attention below this length")
     plan: Optional[str] = Field(None, description="use this plan.json instead of calibrating")
     backend: Literal["auto", "reference", "triton"] = "auto"

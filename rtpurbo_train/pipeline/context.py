@@ -15,7 +15,7 @@ from ..parallel.head_balance import retrieval_per_rank
 from ..parallel.head_padding import kv_heads_to_add, pad_kv_heads
 from ..parallel.sp_loader import SequenceParallelLoader, shard_eval_batches
 from ..parallel.ulysses import enable_sequence_parallel, route_dense_teacher
-from ..plan import HeadLayout, SparsityPlan
+from ..plan import HeadLayout, SparsityPlan, query_stride_for
 from ..trainer import checkpoint as ckpt
 from ..trainer.monitor import Monitor
 
@@ -76,7 +76,11 @@ class RunContext:
 
     def plan_settings(self) -> dict:
         s = self.recipe.sparsity
-        return {k: getattr(s, k) for k in PLAN_SETTINGS}
+        settings = {k: getattr(s, k) for k in PLAN_SETTINGS}
+        if settings["query_stride"] == "auto":
+            lengths = [st.seq_len for st in self.recipe.stages if hasattr(st, "seq_len")]
+            settings["query_stride"] = query_stride_for(max(lengths, default=0))
+        return settings
 
     def use_plan(self, plan: SparsityPlan) -> None:
         """Adopt `plan` (recipe settings win over the file's), save DIR/plan.json, attach the sparse attention."""

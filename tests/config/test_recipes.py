@@ -70,3 +70,38 @@ def test_bad_overrides(override, fragment):
 def test_unknown_recipe_suggests_a_close_name():
     with pytest.raises(UserError, match="did you mean 'quickstart'"):
         recipe_path("quickstrt")
+
+
+def _plan_settings(recipe):
+    from types import SimpleNamespace
+
+    from rtpurbo_train.pipeline.context import RunContext
+    return RunContext.plan_settings(SimpleNamespace(recipe=recipe))
+
+
+def test_query_stride_auto_follows_the_training_length():
+    # The default conversion (8K) keeps the exact selection; a long-context recipe gets the strided one.
+    assert load_recipe("rtpurbo_300step").sparsity.query_stride == "auto"
+    assert _plan_settings(load_recipe("rtpurbo_300step"))["query_stride"] == 1
+    long = load_recipe("rtpurbo_300step", ["stages.sparse_train.seq_len=65536"])
+    assert _plan_settings(long)["query_stride"] == 8
+    fixed = load_recipe("rtpurbo_300step", ["sparsity.query_stride=4"])
+    assert _plan_settings(fixed)["query_stride"] == 4
+
+
+def test_plan_rejects_a_query_stride_the_kernel_cannot_take():
+    from rtpurbo_train.plan import HeadLayout, SparsityPlan
+    layout = HeadLayout(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64)
+    for bad in (3, 128):
+        with pytest.raises(ValueError, match="query_stride"):
+            SparsityPlan.uniform(layout, [1], query_stride=bad)
+    assert SparsityPlan.uniform(layout, [1], query_stride=16).query_stride == 16
+
+
+def test_kl_query_block_stride_auto_and_explicit():
+    r = load_recipe("rtpurbo_300step")
+    assert r.stages[1].kl_query_block_stride == "auto" and r.stages[1].kl_stride() == 1  # 8K: every block
+    r = load_recipe("rtpurbo_300step", ["stages.indexer_warmup.seq_len=65536", "stages.sparse_train.kl_query_block_stride=3"])
+    assert r.stages[1].kl_stride() == 8 and r.stages[2].kl_stride() == 3
+    with pytest.raises(UserError, match="kl_query_block_stride"):
+        load_recipe("rtpurbo_300step", ["stages.sparse_train.kl_query_block_stride=0"])

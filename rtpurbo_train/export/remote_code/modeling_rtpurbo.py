@@ -397,6 +397,11 @@ class RTPurboAttention(nn.Module):
     _rtpurbo_base: type  # the base attention class (LlamaAttention, Qwen3Attention, ...)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is None and kwargs.get("rtpurbo_mode") == "dense":
+            # Below seqlen_threshold without a cache: the base class's own attention, op for op what a
+            # plain load runs (so the dense fallback is never slower than the plain model).
+            kwargs.pop("rtpurbo_mode")
+            return self._rtpurbo_base.forward(self, hidden_states, position_embeddings, attention_mask, None, **kwargs)
         B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
