@@ -107,8 +107,8 @@ def measure(T: int, density: float) -> dict:
     sel = retrieval_blocks(T, density)
     q_ret, k_ret = q[:, :, : RET_KV * G], k[:, :, :RET_KV]
     kl_stride = max(1, T // 8192)  # the recipes' `kl_query_block_stride: auto`
-    for name, sel_kw, stride in (("KL all blocks, stride 1", {}, 1), (f"KL all blocks, stride {kl_stride}", {}, kl_stride),
-                                 ("KL selected, stride 1", "sel", 1), (f"KL selected, stride {kl_stride}", "sel", kl_stride)):
+    for name, sel_kw, stride in (("KL all blocks, stride 1", {}, 1), ("KL all blocks, stride auto", {}, kl_stride),
+                                 ("KL selected, stride 1", "sel", 1), ("KL selected, stride auto", "sel", kl_stride)):
         kw = {"block_idx": sel[0], "block_cnt": sel[1]} if sel_kw else {}
         a, b = qi.detach().requires_grad_(), ki.detach().requires_grad_()
 
@@ -134,6 +134,37 @@ def measure(T: int, density: float) -> dict:
     return r
 
 
+def render(rows: dict, lengths: list[int], density: float, checks: list[str], argv) -> list[str]:
+    names = [k for k in rows[lengths[0]] if k not in ("layer density", "kl_stride")]
+    cols = " | ".join(f"{T // 1024}K" for T in lengths)
+    lines = ["# Selection and indexer KL next to the sparse attention of one layer", "",
+             *provenance("bench_selection.py", argv),
+             f"- layer: B=1, {HQ} query / {HKV} KV heads, D {D}, bf16, block {BS}; {RET_KV} retrieval KV heads "
+             f"(ceil(15%)), indexer dim {DI}; streaming window {WINDOW}, sink {SINK}; retrieval heads attend to "
+             f"{density:.0%} random causal blocks + sink + 2 local; `do_bench` medians in ms; KL stride auto = "
+             "T // 8192 (the recipes' `kl_query_block_stride: auto`)", "",
+             "## Correctness on the GPU (Triton vs the PyTorch reference)", "", *checks, "",
+             "## Times (ms)", "", f"| | {cols} |", "| --- | " + " | ".join("---" for _ in lengths) + " |"]
+    lines += [f"| {n} | " + " | ".join(f"{rows[T][n]:.3f}" for T in lengths) + " |" for n in names]
+    lines += ["| KL stride auto | " + " | ".join(f"{int(rows[T]['kl_stride'])}" for T in lengths) + " |",
+              "| layer block density | " + " | ".join(f"{rows[T]['layer density']:.3f}" for T in lengths) + " |",
+              "", "## Ratios", "", f"| | {cols} |", "| --- | " + " | ".join("---" for _ in lengths) + " |"]
+
+    def ratio_row(label, num, den):
+        return f"| {label} | " + " | ".join(f"{num(rows[T]) / rows[T][den]:.1%}" for T in lengths) + " |"
+    for s in (1, 4, 8, 16):
+        lines.append(ratio_row(f"selection S={s} + KL selected (stride auto) fwd+bwd / sparse attention fwd+bwd",
+                               lambda r, s=s: r[f"select S={s}"] + r["KL selected, stride auto"], "sparse attention fwd+bwd"))
+    lines.append(ratio_row("selection S=1 + KL selected stride 1 fwd+bwd / sparse attention fwd+bwd (before)",
+                           lambda r: r["select S=1"] + r["KL selected, stride 1"], "sparse attention fwd+bwd"))
+    for s in (1, 4, 8, 16):
+        lines.append(ratio_row(f"selection S={s} / sparse attention fwd", lambda r, s=s: r[f"select S={s}"],
+                               "sparse attention fwd"))
+    lines.append(ratio_row("sparse attention fwd+bwd / dense SDPA fwd+bwd", lambda r: r["sparse attention fwd+bwd"],
+                           "dense SDPA fwd+bwd"))
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072])
@@ -147,31 +178,7 @@ def main(argv=None):
         rows[T] = measure(T, args.density)
         print(f"T={T}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[T].items()), flush=True)
         torch.cuda.empty_cache()
-    names = [k for k in rows[args.lengths[0]] if k not in ("layer density", "kl_stride")]
-    lines = ["# Selection and indexer KL next to the sparse attention of one layer", "", *provenance("bench_selection.py", argv),
-             f"- layer: B=1, {HQ} query / {HKV} KV heads, D {D}, bf16, block {BS}; {RET_KV} retrieval KV heads "
-             f"(ceil(15%)), indexer dim {DI}; streaming window {WINDOW}, sink {SINK}; retrieval heads attend to "
-             f"{args.density:.0%} random causal blocks + sink + 2 local; `do_bench` medians in ms", "",
-             "## Correctness on the GPU (Triton vs the PyTorch reference)", "", *checks, "",
-             "## Times (ms)", "", "| | " + " | ".join(f"{T // 1024}K" for T in args.lengths) + " |",
-             "| --- | " + " | ".join("---" for _ in args.lengths) + " |"]
-    lines += [f"| {n} | " + " | ".join(f"{rows[T][n]:.3f}" for T in args.lengths) + " |" for n in names]
-    lines += ["| layer block density | " + " | ".join(f"{rows[T]['layer density']:.3f}" for T in args.lengths) + " |",
-              "", "## Ratios", "", "| | " + " | ".join(f"{T // 1024}K" for T in args.lengths) + " |",
-              "| --- | " + " | ".join("---" for _ in args.lengths) + " |"]
-    def ratio_row(label, num, den):
-        return f"| {label} | " + " | ".join(f"{num(rows[T]) / rows[T][den]:.1%}" for T in args.lengths) + " |"
-    lines += [
-        ratio_row("selection S=8 + KL selected (stride auto) fwd+bwd / sparse attention fwd+bwd (target <= 10% at 64K)",
-                  lambda r: r["select S=8"] + r[f"KL selected, stride {r['kl_stride']}"], "sparse attention fwd+bwd"),
-        ratio_row("selection S=1 + KL selected stride 1 fwd+bwd / sparse attention fwd+bwd (before)",
-                  lambda r: r["select S=1"] + r["KL selected, stride 1"], "sparse attention fwd+bwd"),
-        ratio_row("selection S=8 / sparse attention fwd (target <= 5% at 128K)", lambda r: r["select S=8"],
-                  "sparse attention fwd"),
-        ratio_row("selection S=1 / sparse attention fwd (before)", lambda r: r["select S=1"], "sparse attention fwd"),
-        ratio_row("sparse attention fwd+bwd / dense SDPA fwd+bwd", lambda r: r["sparse attention fwd+bwd"], "dense SDPA fwd+bwd"),
-    ]
-    emit(lines, args.out)
+    emit(render(rows, args.lengths, args.density, checks, argv), args.out)
 
 
 if __name__ == "__main__":
