@@ -10,6 +10,11 @@ from ..models import ModelConfig
 from ..plan import LONG_CONTEXT_LENGTH, LONG_CONTEXT_QUERY_STRIDE
 from .stages import STAGE_TYPES, Stage, Strict
 
+# The exported model's dense fallback, from benchmarks/results/prefill_h200.md (2026-12-02, one H200): the
+# sparse prefill first matches the plain load at 32K on the Qwen2-1.5B shape (0.99x; 0.86x at 16K, 1.73x at
+# 128K) and never does up to 8K on SmolLM2-135M (0.34-0.55x). RTP-LLM's default is 16384.
+DEFAULT_SEQLEN_THRESHOLD = 32768
+
 
 class SparsitySettings(Strict):
     """Sparsity plan settings (METHOD.md). The window is in tokens; scale it to the context."""
@@ -24,7 +29,8 @@ class SparsitySettings(Strict):
         "auto", description="block selection scores every S-th query of a block and its last (a power of two "
         f"<= 64; 1 = every query, the exact oracle); auto = {LONG_CONTEXT_QUERY_STRIDE} when the longest training "
         f"stage runs >= {LONG_CONTEXT_LENGTH} tokens, else 1")
-    seqlen_threshold: int = Field(0, ge=0, description="exported model: dense attention below this length")
+    seqlen_threshold: int = Field(DEFAULT_SEQLEN_THRESHOLD, ge=0, description="exported model: prompts shorter "
+                                  "than this run dense (written to config.json); 0 = always sparse")
     plan: Optional[str] = Field(None, description="use this plan.json instead of calibrating")
     backend: Literal["auto", "reference", "triton"] = "auto"
 

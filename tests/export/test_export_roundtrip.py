@@ -126,6 +126,8 @@ def test_seqlen_threshold_runs_short_prompts_dense(tmp_path):
         short = sparse(ids[:, :T], use_cache=False).logits
         long = sparse(ids, use_cache=False).logits
     torch.testing.assert_close(short, training_logits(model, runtime, ids[:, :T], "full"), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # below the threshold the sparse load runs the plain model's own attention
+        assert torch.equal(short, load(out, sparse=False)(ids[:, :T], use_cache=False).logits)
     torch.testing.assert_close(long, training_logits(model, runtime, ids, "sparse"), atol=1e-4, rtol=1e-4)
     sparse.set_sparse(False)  # the same model run densely at any length
     with torch.no_grad():
