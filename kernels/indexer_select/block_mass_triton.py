@@ -44,6 +44,16 @@ def padded_dim(d: int) -> int:
 
 
 @triton.jit
+def load_key_tile(k_base, offs_n, offs_d, stride_kt, T, D, UPCAST: tl.constexpr):
+    """The [BLOCK, BLOCK_D] key tile at rows offs_n (zero past T and past the head dim D)."""
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    return k
+
+
+@triton.jit
 def indexer_row_lse_kernel(
     Q, K, LSE,
     stride_qb, stride_qt, stride_qh,
@@ -72,10 +82,7 @@ def indexer_row_lse_kernel(
     l_i = tl.zeros([BLOCK], tl.float32)
     for kb in range(0, qb + 1):
         offs_n = kb * BLOCK + offs_n0
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                    mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
+        k = load_key_tile(k_base, offs_n, offs_d, stride_kt, T, D, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale2
         # Only the diagonal block has keys past the query; key 0 of block kb <= qb keeps rows finite.
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
@@ -114,10 +121,7 @@ def indexer_block_mass_kernel(
 
     for kb in range(0, qb + 1):
         offs_n = kb * BLOCK + offs_n0
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                    mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
+        k = load_key_tile(k_base, offs_n, offs_d, stride_kt, T, D, UPCAST)
         kt = tl.trans(k)
         visible = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
         total = tl.zeros([BLOCK], tl.float32)
@@ -170,10 +174,7 @@ def indexer_strided_block_mass_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     for kb in range(0, qb + 1):
         offs_n = kb * BLOCK + offs_n0
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                    mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
+        k = load_key_tile(k_base, offs_n, offs_d, stride_kt, T, D, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale2
         s = tl.where(offs_n[None, :] <= pos[:, None], s, float("-inf"))  # key 0 keeps every row finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -185,10 +186,7 @@ def indexer_strided_block_mass_kernel(
     mass_row = MASS + (bh.to(tl.int64) * nqb + qb) * nqb
     for kb in range(0, qb + 1):
         offs_n = kb * BLOCK + offs_n0
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                    mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
+        k = load_key_tile(k_base, offs_n, offs_d, stride_kt, T, D, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale2
         # Mask before exp2: future keys may score high, and exp2 of them would overflow.
         p = tl.exp2(tl.where(offs_n[None, :] <= pos[:, None], s, float("-inf")) - lse[:, None])
