@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 import rtpurbo_kernels
+from rtpurbo_kernels.block_sparse_attn.layout import merge_head_blocks, streaming_block_index
 
 from ..losses.ssa_align import ssa_alignment_loss
-from .blocks import merge_head_blocks, streaming_blocks
 from .indexer import Indexer
 from .metrics import attention_recall, block_sparsity
 from .rope import undo_rope
@@ -88,7 +88,7 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
     if not need_sparse:
         return out_full, None
 
-    stream = streaming_blocks(T, bs, plan.window, plan.sink_tokens, device=query.device)
+    stream = streaming_block_index(T, plan.window, plan.sink_tokens, bs, query.device)  # cached per length
     idx, cnt = merge_head_blocks(stream, selection, layer.retrieval_kv, B, Hkv)
     kv_window = layer.kv_window
     out_sparse = None

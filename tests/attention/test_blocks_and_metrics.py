@@ -3,14 +3,14 @@ import itertools
 import pytest
 import torch
 
-from rtpurbo_train.attention.blocks import merge_head_blocks, streaming_blocks
+from rtpurbo_kernels.block_sparse_attn.layout import merge_head_blocks, streaming_block_index
 from rtpurbo_train.attention.metrics import attention_recall, block_sparsity
 
 
 @pytest.mark.parametrize("T,window,sink", [(300, 100, 4), (64, 64, 0), (513, 1000, 4), (200, 1, 70), (640, 128, 4)])
 def test_streaming_blocks_match_brute_force(T, window, sink):
     bs = 64
-    idx, cnt = streaming_blocks(T, bs, window, sink)
+    idx, cnt = streaming_block_index(T, window, sink, bs)
     for qb in range(-(-T // bs)):
         needed = set()
         for i in range(qb * bs, min(T, qb * bs + bs)):
@@ -21,7 +21,7 @@ def test_streaming_blocks_match_brute_force(T, window, sink):
 
 
 def test_merge_puts_retrieval_rows_on_their_heads():
-    stream = streaming_blocks(256, 64, 64, 4)
+    stream = streaming_block_index(256, 64, 4, 64)
     r_idx = torch.tensor([[[[0, -1, -1], [0, 1, -1], [0, 1, 2], [0, 2, 3]]]], dtype=torch.int32)
     r_cnt = torch.tensor([[[1, 2, 3, 3]]], dtype=torch.int32)
     idx, cnt = merge_head_blocks(stream, (r_idx, r_cnt), torch.tensor([1]), batch=1, num_kv_heads=3)
@@ -69,7 +69,7 @@ def test_recall_is_one_with_everything_visible_and_matches_brute_force_otherwise
 
 
 def test_merge_queues_without_host_sync(forbid_host_sync):
-    stream = streaming_blocks(256, 64, 64, 4)
+    stream = streaming_block_index(256, 64, 4, 64)
     r_idx = torch.tensor([[[[0, -1, -1], [0, 1, -1], [0, 1, 2], [0, 2, 3]]]], dtype=torch.int32)
     r_cnt = torch.tensor([[[1, 2, 3, 3]]], dtype=torch.int32)
     with forbid_host_sync():
