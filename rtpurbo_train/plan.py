@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rtpurbo_kernels.indexer_select import check_query_stride
 
 
 # The selection's query stride (kernels/indexer_select/README.md). A plan file without the field keeps
@@ -27,6 +28,7 @@ LONG_CONTEXT_QUERY_STRIDE = 8
 def query_stride_for(seq_len: int) -> int:
     """The `auto` query stride for a model trained at `seq_len` tokens."""
     return LONG_CONTEXT_QUERY_STRIDE if seq_len >= LONG_CONTEXT_LENGTH else 1
+
 
 class HeadLayout(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -88,9 +90,7 @@ class SparsityPlan(BaseModel):
     @model_validator(mode="after")
     def _consistent(self):
         m = self.model
-        qs = self.query_stride
-        if qs > self.block_size or qs & (qs - 1):
-            raise ValueError(f"query_stride {qs} must be a power of two <= block_size ({self.block_size})")
+        check_query_stride(self.query_stride, self.block_size)  # the selection kernel's own rule
         if len(self.layers) != m.num_layers:
             raise ValueError(f"plan has {len(self.layers)} layers, model layout says {m.num_layers}")
         for i, layer in enumerate(self.layers):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 # `kl_query_block_stride: auto` keeps the indexer KL on about this many query positions per sequence.
 KL_AUTO_QUERY_ROWS = 8192
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
