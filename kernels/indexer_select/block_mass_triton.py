@@ -54,6 +54,27 @@ def load_key_tile(k_base, offs_n, offs_d, stride_kt, T, D, UPCAST: tl.constexpr)
 
 
 @triton.jit
+def causal_row_lse(q, k_base, pos, qb, stride_kt, T, D, scale2,
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 logsumexp of each query row of the tile `q` (row i at position pos[i]) over the keys
+    0..pos[i] of key blocks 0..qb: an online max/sum sweep. Key 0 keeps every row finite."""
+    offs_n0 = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    l_i = tl.zeros([q.shape[0]], tl.float32)
+    for kb in range(0, qb + 1):
+        offs_n = kb * BLOCK + offs_n0
+        k = load_key_tile(k_base, offs_n, offs_d, stride_kt, T, D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale2
+        # Only the diagonal block has keys past a row's position.
+        s = tl.where(offs_n[None, :] <= pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    return m_i + tl.log2(l_i)
+
+
+@triton.jit
 def indexer_row_lse_kernel(
     Q, K, LSE,
     stride_qb, stride_qt, stride_qh,
@@ -69,7 +90,6 @@ def indexer_row_lse_kernel(
     h = bh % HQ
     hk = h // G
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n0 = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
               + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :])
@@ -77,19 +97,7 @@ def indexer_row_lse_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    for kb in range(0, qb + 1):
-        offs_n = kb * BLOCK + offs_n0
-        k = load_key_tile(k_base, offs_n, offs_d, stride_kt, T, D, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale2
-        # Only the diagonal block has keys past the query; key 0 of block kb <= qb keeps rows finite.
-        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
-    lse = m_i + tl.log2(l_i)
+    lse = causal_row_lse(q, k_base, offs_m, qb, stride_kt, T, D, scale2, BLOCK, BLOCK_D, DOT_PRECISION, UPCAST)
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
@@ -169,19 +177,9 @@ def indexer_strided_block_mass_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    for kb in range(0, qb + 1):
-        offs_n = kb * BLOCK + offs_n0
-        k = load_key_tile(k_base, offs_n, offs_d, stride_kt, T, D, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale2
-        s = tl.where(offs_n[None, :] <= pos[:, None], s, float("-inf"))  # key 0 keeps every row finite
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
+    lse = causal_row_lse(q, k_base, pos, qb, stride_kt, T, D, scale2, BLOCK, BLOCK_D, DOT_PRECISION, UPCAST)
     # Padding rows get lse = +inf: their probabilities are exactly 0 in the second sweep.
-    lse = tl.where(row_ok, m_i + tl.log2(l_i), float("inf"))
+    lse = tl.where(row_ok, lse, float("inf"))
     inv_count = 1.0 / (G * n_rows).to(tl.float32)
     mass_row = MASS + (bh.to(tl.int64) * nqb + qb) * nqb
     for kb in range(0, qb + 1):
