@@ -1,6 +1,6 @@
 """Triton kernels for the indexer block masses (the heavy part of `indexer_block_select`).
 
-Query stride S > 1 (the prefill/training default): one kernel, `indexer_strided_block_mass_kernel`,
+Query stride S > 1 (the long-context setting): one kernel, `indexer_strided_block_mass_kernel`,
 grid (NQB, B * Hkv). A program stacks the sampled rows of its query block for all G query heads of the
 KV group into one [G * BLOCK/S, d] tile (one score product per key tile serves the whole group), sweeps
 the key blocks 0..qb twice (online logsumexp, then exp2(s - lse) summed per key block) and writes
