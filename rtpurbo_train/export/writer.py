@@ -5,7 +5,8 @@ Folder contents:
   model*.safetensors (+ index)      base weights only, sharded past `max_shard_size`, LoRA merged
   rtpurbo_indexer.safetensors       `model.layers.{i}.self_attn.indexer.{wq,wk}.weight` (outside the base index)
   generation_config.json, tokenizer files, plan.json
-  configuration_rtpurbo.py, cache_rtpurbo.py, modeling_rtpurbo.py   (sparse prefill/decode, trust_remote_code)
+  configuration_rtpurbo.py, cache_rtpurbo.py, decode_graph_rtpurbo.py, modeling_rtpurbo.py
+                                    (sparse prefill/decode, CUDA-graph decode, trust_remote_code)
 Weights are always written in the original head order (a sequence-parallel KV-head permutation is undone).
 The folder is written next to `out_dir` under a temporary name and renamed into place when complete.
 """
@@ -30,7 +31,7 @@ from .model_copy import merged_cpu_model
 from .remote_code.configuration_rtpurbo import INDEXER_WEIGHTS_NAME
 
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
-REMOTE_CODE_FILES = ("configuration_rtpurbo.py", "cache_rtpurbo.py", "modeling_rtpurbo.py")
+REMOTE_CODE_FILES = ("configuration_rtpurbo.py", "cache_rtpurbo.py", "decode_graph_rtpurbo.py", "modeling_rtpurbo.py")
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
 

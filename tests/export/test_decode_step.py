@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from rtpurbo_train.export.remote_code.modeling_rtpurbo import select_blocks, select_blocks_decode
+from rtpurbo_train.export.remote_code.modeling_rtpurbo import select_blocks
 
 from .tiny_sparse import random_ids, remote_model
 
@@ -136,16 +136,21 @@ def test_reorder_cache_equals_a_reordered_batch():
 
 @pytest.mark.parametrize("overrides", [{"top_p": 0.6}, {"top_p": 1.0}, {"top_p": 0.3, "sink_blocks": 0, "local_blocks": 0},
                                        {"top_k": 3}, {"top_k": 9, "local_blocks": 1}])
-def test_select_blocks_decode_equals_select_blocks(overrides):
+def test_per_row_decode_selection_equals_one_row_at_a_time(overrides):
+    # The decode step selects for one query block per row (rows at different positions), over the whole cache.
     base = remote_model(layers=1).rtpurbo_settings
     s = dataclasses.replace(base, **{"top_k": None, **overrides})
     gen = torch.Generator().manual_seed(3)
-    for nkb in (1, 2, 7, 30):
-        # coarse values: many ties, which both must break by block index
-        mass = torch.randint(0, 4, (2, 3, nkb), generator=gen).float()
-        mass = mass / mass.sum(-1, keepdim=True).clamp(min=1)
-        want = select_blocks(mass[:, :, None], torch.tensor([nkb - 1]), s)[:, :, 0]
-        assert torch.equal(select_blocks_decode(mass, nkb - 1, s), want)
+    nkb = 30
+    q_blocks = torch.tensor([0, 1, 6, 29])
+    # coarse values: many ties, which both must break by block index
+    mass = torch.randint(0, 4, (4, 3, nkb), generator=gen).float()
+    mass = mass / mass.sum(-1, keepdim=True).clamp(min=1)
+    got = select_blocks(mass[:, :, None], q_blocks.view(4, 1, 1), s)[:, :, 0]
+    for b, qb in enumerate(q_blocks.tolist()):
+        want = select_blocks(mass[b:b + 1, :, None, :qb + 1], torch.tensor([qb]), s)[0, :, 0]
+        assert torch.equal(got[b, :, :qb + 1], want)
+        assert not got[b, :, qb + 1:].any()
 
 
 def test_kernel_prefill_queues_without_host_sync(forbid_host_sync):

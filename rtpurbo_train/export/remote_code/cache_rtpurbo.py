@@ -181,6 +181,66 @@ class RTPurboLayerCache(CacheLayerMixin):
     def advance(self, num_tokens: int) -> None:
         self.seen += num_tokens
 
+    # ---- one decode step: whole buffers, positions on the device (no host sync, CUDA-graph safe) -----------
+    def _any_buffer(self) -> torch.Tensor:
+        return self._full_k if self._full_k is not None else self._stream_k
+
+    def _rows(self, device) -> torch.Tensor:
+        buf = self._any_buffer()
+        if getattr(self, "_row_index", None) is None or self._row_index.shape[0] != buf.shape[0] \
+                or self._row_index.device != device:
+            self._row_index = torch.arange(buf.shape[0], device=device)
+        return self._row_index
+
+    def full_step(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor):
+        """keys/values [B, H, 1, D] of the tokens at positions pos [B] -> the whole buffers [B, H, C, D] with
+        them written at slot pos (C > every pos: grown here, on the host's count, before any write)."""
+        self._full_k, self._full_v = self._grown(self._full_k, keys), self._grown(self._full_v, values)
+        rows = self._rows(keys.device)
+        self._full_k[rows, :, pos] = keys[:, :, 0]
+        self._full_v[rows, :, pos] = values[:, :, 0]
+        return self._full_k, self._full_v
+
+    def indexer_step(self, ikeys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ikeys [B, Hr, 1, d] at positions pos -> the whole float32 buffer [B, Hr, C, d] (C as full_step)."""
+        self._ikeys = self._grown(self._ikeys, ikeys, torch.float32)
+        self._ikeys[self._rows(ikeys.device), :, pos] = ikeys[:, :, 0].float()
+        return self._ikeys
+
+    def _stream_buffer_at_full_size(self, like: torch.Tensor, buf: Optional[torch.Tensor]) -> torch.Tensor:
+        slots = self.sink_tokens + self.window
+        if buf is not None and buf.shape[2] == slots:
+            return buf
+        B, H, _, D = like.shape
+        full = torch.zeros(B, H, slots, D, dtype=like.dtype, device=like.device)
+        if buf is not None:
+            full[:, :, :buf.shape[2]] = buf  # until the ring wraps, position p sits in slot p
+        return full
+
+    def streaming_step(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor):
+        """keys/values [B, Hs, 1, D] at positions pos -> the whole ring buffers [B, Hs, sink + window, D]
+        with them written in their slots; slots < min(pos + 1, sink + window) are what each row's query sees."""
+        self._stream_k = self._stream_buffer_at_full_size(keys, self._stream_k)
+        self._stream_v = self._stream_buffer_at_full_size(values, self._stream_v)
+        sink = self.sink_tokens
+        slot = torch.where(pos < sink, pos, sink + (pos - sink) % self.window)
+        rows = self._rows(keys.device)
+        self._stream_k[rows, :, slot] = keys[:, :, 0]
+        self._stream_v[rows, :, slot] = values[:, :, 0]
+        return self._stream_k, self._stream_v
+
+    def carry_buffer(self, like: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """`block_mass` as a float32 buffer [B, Hr, num_blocks] that a decode step updates in place (zeros past
+        the open block; a narrower carry left by a prefill is copied in)."""
+        mass = self.block_mass
+        if mass is not None and mass.shape[-1] == num_blocks:
+            return mass
+        full = torch.zeros(*like.shape[:2], num_blocks, dtype=torch.float32, device=like.device)
+        if mass is not None:
+            full[..., :mass.shape[-1]] = mass
+        self.block_mass = full
+        return full
+
     # ---- accounting ------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, Optional[torch.Tensor]]:
         return {name: getattr(self, name) for name in BUFFERS}
@@ -248,13 +308,87 @@ class RTPurboCache(Cache):
     """One `RTPurboLayerCache` per decoder layer, plus the attention mode of this sequence.
 
     `mode` is fixed by the first forward (prefill): "dense" when the prompt is shorter than
-    `seqlen_threshold` (or sparsity is off), else "sparse"; decoding keeps that mode.
+    `seqlen_threshold` (or sparsity is off), else "sparse"; decoding keeps that mode. A caller may set it
+    before the prefill to force one. A left-padded batch takes the mode of its longest prompt.
     """
 
     def __init__(self, num_layers: int, sink_tokens: int, window: int, block_size: int = 1, reserve: int = 0):
         super().__init__(layers=[RTPurboLayerCache(sink_tokens, window, block_size, reserve)
                                  for _ in range(num_layers)])
         self.mode: Optional[str] = None
+        # int64 [B]: each row's next position (its length so far), on the model's device. Decode steps read
+        # it and advance it in place (so a captured CUDA graph replays correctly); rows of one batch may
+        # differ (a left-padded prompt batch). Each layer's `seen` is the longest row.
+        self.positions: Optional[torch.Tensor] = None
+        self.ragged = False  # rows of different lengths (decode steps only)
+
+    def advance(self, num_tokens: int) -> None:
+        """Host-side token counts of every layer (a replayed decode step advances only the device state)."""
+        for layer in self.layers:
+            layer.advance(num_tokens)
+
+    def has_room_for_step(self) -> bool:
+        """Whether one more token fits every layer's full buffers without growing them."""
+        return all(layer._full_k is None or layer._full_k.shape[2] > layer.seen for layer in self.layers)
+
+    def set_lengths(self, lengths: list[int], device) -> None:
+        """After a prefill or extend: every row's length (host values, copied to the device once)."""
+        self.positions = torch.tensor(lengths, dtype=torch.long, device=device)
+        self.ragged = len(set(lengths)) > 1
+
+    def adopt_rows(self, rows: list["RTPurboCache"], mode: str) -> None:
+        """Become the batch of the one-row caches `rows` (prefilled separately, lengths may differ): each
+        buffer stacks the rows' buffers, zero-padded to the widest; `seen` is the longest row."""
+        self.mode = mode
+        for i, layer in enumerate(self.layers):
+            parts = [row.layers[i] for row in rows]
+            for name in BUFFERS:
+                tensors = [getattr(part, name) for part in parts]
+                present = [t for t in tensors if t is not None]
+                if not present:
+                    setattr(layer, name, None)
+                    continue
+                like = present[0]  # [1, H, slots (or blocks for block_mass), ...]
+                width = max(t.shape[2] for t in present)
+                stacked = like.new_zeros(len(rows), like.shape[1], width, *like.shape[3:])
+                for b, t in enumerate(tensors):
+                    if t is not None:
+                        stacked[b, :, :t.shape[2]] = t[0]
+                setattr(layer, name, stacked)
+            layer.seen = max(part.seen for part in parts)
+        self.set_lengths([row.get_seq_length() for row in rows], rows[0].layers[0]._any_buffer().device)
+
+    def row_lengths(self) -> list[int]:
+        """Host copy of `positions` (a device sync: for tests and reports, never inside a step)."""
+        return [] if self.positions is None else self.positions.tolist()
+
+    def _map_positions(self, fn) -> None:
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_positions(lambda p: p.index_select(0, beam_idx.to(p.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_positions(lambda p: p.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_positions(lambda p: p[indices])
+
+    def reset(self) -> None:
+        super().reset()
+        self.mode, self.positions, self.ragged = None, None, False
+
+    def buffer_pointers(self) -> tuple:
+        """Addresses of every buffer a decode step reads or writes: a captured decode graph is valid while
+        they are unchanged (a buffer that grows or is reordered moves)."""
+        ptrs = [0 if self.positions is None else self.positions.data_ptr()]
+        for layer in self.layers:
+            ptrs += [0 if t is None else t.data_ptr() for t in layer._tensors().values()]
+        return tuple(ptrs)
 
     def kv_bytes(self) -> int:
         return sum(layer.kv_bytes() for layer in self.layers)

@@ -44,6 +44,7 @@ import transformers
 from torch import nn
 
 from .cache_rtpurbo import RTPurboCache
+from .decode_graph_rtpurbo import DecodeGraphs
 from .configuration_rtpurbo import INDEXER_WEIGHTS_NAME, RTPurboSparsityConfig
 
 # float32 score elements one chunk of query rows may hold (the PyTorch path never builds T x T per head).
@@ -74,20 +75,21 @@ class RTPurboIndexer(nn.Module):
 
 # ---- block selection (PyTorch) ----------------------------------------------------------------------------
 def select_blocks(mass: torch.Tensor, q_blocks: torch.Tensor, s: RTPurboSparsityConfig) -> torch.Tensor:
-    """mass float32 [B, H, n, NKB] of query blocks `q_blocks` [n] (absolute) -> chosen bool [B, H, n, NKB].
+    """mass float32 [B, H, n, NKB] of query blocks `q_blocks` (absolute; [n], or any shape that broadcasts
+    to [B, H, n], e.g. [B, 1, 1] for one decode step per row) -> chosen bool [B, H, n, NKB].
 
     Entries kb > qb are ignored. The rule of `rtpurbo_kernels.indexer_block_select`: smallest prefix of
     the causal blocks sorted by mass (descending, stable) whose sum reaches top_p (the heaviest always),
     or the top_k heaviest; top_p >= 1 keeps every causal block; sink and local blocks are always added.
     """
     nkb = mass.shape[-1]
-    kb = torch.arange(nkb, device=mass.device)[None, :]
-    qb = q_blocks[:, None]
-    causal = kb <= qb  # [n, NKB]
+    kb = torch.arange(nkb, device=mass.device)
+    qb = q_blocks[..., None]
+    causal = kb <= qb  # [n, NKB] (or [B, 1, 1, NKB])
     if s.top_k is None and s.top_p >= 1.0:
         chosen = causal.expand(mass.shape)
     else:
-        ranked = torch.where(causal, mass.float(), float("-inf"))
+        ranked = torch.where(causal, mass.float(), float("-inf"))  # broadcasts to mass.shape
         vals, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
         in_causal = kb <= qb  # sorted position r holds a causal block iff r <= qb
         if s.top_k is not None:
@@ -219,7 +221,8 @@ def retrieval_attention(q, k, v, qi, ki, start, carry, s: RTPurboSparsityConfig,
         sums, counts, tail = indexer_block_sums(qi[:, :, :, a - start:b - start], ki[:, :, :b], a, s.indexer_scale,
                                                 bs, s.query_stride)
         if carry is not None and a == start:
-            sums[:, :, 0, :carry[0].shape[-1]] += carry[0]
+            width = min(carry[0].shape[-1], sums.shape[-1])  # a decode step's carry spans the whole cache
+            sums[:, :, 0, :width] += carry[0][..., :width]
             counts[0] += carry[1]
         first = a // bs
         q_blocks = torch.arange(first, first + len(counts), device=q.device)
@@ -244,56 +247,31 @@ def dense_attention(q, k, v, start, scaling):
     T, N = q.shape[2], k.shape[2]
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-    if T == 1:  # decode: the G query heads of a KV head are G query rows of one attention over its keys
-        B, Hq, _, D = q.shape
-        out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v, scale=scaling)
-        return out.reshape(B, Hq, 1, D)
     mask = torch.arange(N, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
-# ---- one decode step (one new token, cache present): fixed-shape ops, no host sync ---------------------------
-def select_blocks_decode(mass: torch.Tensor, q_block: int, s: RTPurboSparsityConfig) -> torch.Tensor:
-    """`select_blocks` for the one query block `q_block` whose mass float32 [B, H, q_block + 1] covers only
-    causal blocks -> chosen bool [B, H, q_block + 1]. Same ops on the same values, so the same choice."""
-    if s.top_k is None and s.top_p >= 1.0:
-        return torch.ones(mass.shape, dtype=torch.bool, device=mass.device)
-    vals, order = torch.sort(mass, dim=-1, descending=True, stable=True)
-    if s.top_k is not None:
-        order = order[..., :s.top_k]
-        keep = torch.ones(order.shape, dtype=torch.bool, device=mass.device)
-    else:  # the heaviest block is always kept: the mass before it is exactly 0 < top_p
-        keep = (torch.cumsum(vals, dim=-1) - vals) < s.top_p
-    chosen = torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, keep)
-    chosen[..., :s.sink_blocks] = True
-    if s.local_blocks > 0:
-        chosen[..., max(0, q_block - s.local_blocks + 1):] = True
-    return chosen
+# ---- one decode step (one new token per row, cache present): fixed shapes, no host sync ----------------------
+def retrieval_decode_choice(qi: torch.Tensor, ikeys: torch.Tensor, pos: torch.Tensor, carry: torch.Tensor,
+                            s: RTPurboSparsityConfig):
+    """The key blocks the token at position pos[b] sees on each retrieval head, over the whole cache.
 
-
-def retrieval_decode_bias(qi: torch.Tensor, ki_blocks: torch.Tensor, carry, t: int, s: RTPurboSparsityConfig,
-                          dtype: torch.dtype):
-    """The keys the query at position t sees on each retrieval head, as an additive attention mask.
-
-    qi [B, Hr, G, d]; ki_blocks float32 [B, Hr, NKB * bs, d]: indexer keys 0..t, then zeros; `carry` float32
-    [B, Hr, NKB] = the mass of the earlier strided queries of t's block (rows m % S == S - 1), or None
-    when there are none. t's selection averages those and t itself (the no-cache rule for a last row).
-    Returns (bias `dtype` [B, Hr, 1, t + 1]: 0 where visible, -inf elsewhere; the strided mass so far
-    float32 [B, Hr, NKB], or None)."""
+    qi [B, Hr, G, d]; ikeys float32 [B, Hr, C, d] (slot n = position n; slots past pos are ignored);
+    carry float32 [B, Hr, C // bs] = the summed mass of the earlier strided queries (m % S == S - 1) of
+    t's query block (read only when t is not the first row of its block). t's selection averages those
+    and t itself: the no-cache rule for a sequence's last row. Returns (chosen bool [B, Hr, C // bs],
+    new carry float32 [B, Hr, C // bs]). `rtpurbo_kernels.decode_block_select` computes the same."""
     B, Hr, G, _ = qi.shape
-    bs = s.block_size
-    nkb = t // bs + 1
-    scores = torch.matmul(qi.float(), ki_blocks.transpose(-1, -2)) * s.indexer_scale  # [B, Hr, G, nkb * bs]
-    if t + 1 < nkb * bs:
-        scores[..., t + 1:] = float("-inf")
-    sums = torch.softmax(scores, dim=-1).view(B, Hr, G, nkb, bs).sum(dim=(2, 4))
-    if carry is not None:
-        sums = sums + carry
-    S = s.query_stride
-    chosen = select_blocks_decode(sums / float(((t % bs) // S + 1) * G), nkb - 1, s)
-    bias = chosen.to(dtype).log()  # per block: log 1 = 0 (chosen), log 0 = -inf
-    strided = sums if t % S == S - 1 else carry
-    return bias[..., None].expand(B, Hr, nkb, bs).reshape(B, Hr, 1, nkb * bs)[..., :t + 1], strided
+    C, bs, S = ikeys.shape[2], s.block_size, s.query_stride
+    scores = torch.matmul(qi.float(), ikeys.transpose(-1, -2)) * s.indexer_scale  # [B, Hr, G, C]
+    t = pos.view(B, 1, 1, 1)
+    scores = scores.masked_fill(torch.arange(C, device=qi.device) > t, float("-inf"))
+    own = torch.softmax(scores, dim=-1).view(B, Hr, G, C // bs, bs).sum(dim=(2, 4))  # [B, Hr, NKB]
+    t = pos.view(B, 1, 1)
+    base = torch.where(t % bs == 0, 0.0, carry)  # a new block starts with no earlier rows
+    mass = (base + own) / (((t % bs) // S + 1) * G)
+    chosen = select_blocks(mass[:, :, None], (pos // bs).view(B, 1, 1), s)[:, :, 0]
+    return chosen, torch.where(t % S == S - 1, base + own, base)
 
 
 # ---- the kernel path (rtpurbo_kernels on CUDA) -----------------------------------------------------------------
@@ -333,9 +311,11 @@ def kernel_prefill(kern, q, k, v, qi, ki, heads: "LayerHeads", s: RTPurboSparsit
 class RTPurboOptions:
     """Model-wide switches, shared by every layer. `backend`: "auto" (rtpurbo_kernels on CUDA when
     installed, else PyTorch), "torch", or "kernels" (rtpurbo_kernels with its own device dispatch).
-    `sparse=False` runs the same model densely (for comparisons)."""
+    `sparse=False` runs the same model densely (for comparisons). `cuda_graphs`: replay decode steps on
+    CUDA from a recorded graph (decode_graph_rtpurbo.py); False decodes eagerly."""
     backend: str = "auto"
     sparse: bool = True
+    cuda_graphs: bool = True
 
 
 class LayerHeads:
@@ -419,7 +399,11 @@ class RTPurboAttention(nn.Module):
                 raise TypeError(f"the RTPurbo model needs an RTPurboCache (model.make_cache()), got {type(past_key_values).__name__}")
             cache = past_key_values.layers[self.layer_idx]
         start = cache.seen if cache is not None else 0
-        if kwargs.get("rtpurbo_mode", "sparse") == "dense":
+        if cache is not None and T == 1 and start > 0:
+            pos = past_key_values.positions  # set by the causal LM; a bare attention call: every row at `start`
+            pos = torch.full((B,), start, dtype=torch.long, device=q_rot.device) if pos is None else pos
+            out = self._rtpurbo_decode(q_pre, k_pre, q_rot, k_rot, v, cache, pos, kwargs.get("rtpurbo_mode", "sparse"))
+        elif kwargs.get("rtpurbo_mode", "sparse") == "dense":
             if cache is not None:
                 k_rot, v = cache.append_full(k_rot, v)
             out = dense_attention(q_rot, k_rot, v, start, self.scaling)
@@ -441,8 +425,6 @@ class RTPurboAttention(nn.Module):
         if has_ret:
             qi = self.indexer.wq(heads.take(q_pre, "q")).view(B, heads.count("kv"), G, T, -1)
             ki_new = self.indexer.wk(heads.take(k_pre, "kv"))
-        if cache is not None and T == 1 and start > 0:
-            return self._rtpurbo_decode(q, k, v, qi, ki_new, cache, start)
 
         kern = self._rtpurbo_kernels(q)
         if kern is not None and start == 0:
@@ -477,26 +459,51 @@ class RTPurboAttention(nn.Module):
                 cache.block_mass = None if carry is None else carry[0].clone()
         return out
 
-    def _rtpurbo_decode(self, q, k, v, qi, ki_new, cache, t):
-        """One new token at position t, with a cache: no host sync, no compaction, no copy of cached tokens.
-        q [B, Hq, 1, D], k/v [B, Hkv, 1, D], qi [B, Hr, G, 1, d], ki_new [B, Hr, 1, d] -> [B, Hq, 1, D].
-        Streaming heads: one attention over the sink + window buffer. Retrieval heads: indexer scores of
-        every cached key -> block mass -> chosen blocks -> one attention over the cache, masked."""
+    def _rtpurbo_decode(self, q_pre, k_pre, q, k, v, cache, pos, mode):
+        """One new token per row at positions pos int64 [B] (device), with a cache: fixed shapes (the whole
+        cache buffers), no host sync, no copy of cached tokens, so the step can be captured in a CUDA graph.
+        q [B, Hq, 1, D], k/v [B, Hkv, 1, D] (rotated; q_pre/k_pre before RoPE) -> [B, Hq, 1, D] (q.dtype).
+        Streaming heads: the sink + window ring buffer. Retrieval heads: indexer scores of every cached key
+        -> block mass -> chosen blocks -> attention over the chosen blocks. Dense mode: every cached key."""
         s, heads = self.rtpurbo_settings, self.rtpurbo_heads
         B, _, _, D = q.shape
+        kern = self._rtpurbo_kernels(q)
+        if kern is not None and getattr(kern, "decode_attention", None) is None:
+            kern = None  # an older rtpurbo_kernels without the decode kernels: the PyTorch step
+
+        def attend_rows(qh, kh, vh, lengths, blocks=None):
+            # qh [B, H, G, D]: a KV head's G query heads are G query rows over its keys kh/vh [B, H, C, D]
+            if kern is not None:
+                return kern.decode_attention(qh, kh, vh, lengths, blocks, block_size=s.block_size, scale=self.scaling)
+            visible = torch.arange(kh.shape[2], device=q.device) < lengths.view(B, 1, 1)  # [B, 1, C]
+            if blocks is not None:
+                visible = visible & blocks.repeat_interleave(s.block_size, dim=-1)
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=visible[:, :, None], scale=self.scaling)
+
+        if mode == "dense":
+            kf, vf = cache.full_step(k, v, pos)
+            return attend_rows(q.reshape(B, kf.shape[1], -1, D), kf, vf, pos + 1).reshape(B, -1, 1, D)
         stream = ret = None
         if heads.count("stream_kv"):
-            ks, vs = cache.append_streaming_step(heads.take(k, "stream_kv"), heads.take(v, "stream_kv"))
-            qs = heads.take(q, "stream_q").reshape(B, ks.shape[1], -1, D)  # a group's heads as query rows
-            stream = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling).reshape(B, -1, 1, D)
+            ks, vs = cache.streaming_step(heads.take(k, "stream_kv"), heads.take(v, "stream_kv"), pos)
+            qs = heads.take(q, "stream_q").reshape(B, ks.shape[1], -1, D)
+            stream = attend_rows(qs, ks, vs, torch.clamp(pos + 1, max=ks.shape[2])).reshape(B, -1, 1, D)
         if heads.count("kv"):
-            kr, vr = cache.append_full(heads.take(k, "kv"), heads.take(v, "kv"))
-            cache.append_indexer_keys(ki_new)
-            carry = cache.block_mass if t % s.block_size else None
-            bias, mass = retrieval_decode_bias(qi.squeeze(3), cache.indexer_key_blocks(t + 1), carry, t, s, q.dtype)
-            cache.block_mass = mass if (t + 1) % s.block_size else None
-            qr = heads.take(q, "q").reshape(B, kr.shape[1], -1, D)
-            ret = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=bias, scale=self.scaling).reshape(B, -1, 1, D)
+            Hr = heads.count("kv")
+            qi = self.indexer.wq(heads.take(q_pre, "q")).view(B, Hr, s.group, -1)  # [B, Hr, G, d]
+            kr, vr = cache.full_step(heads.take(k, "kv"), heads.take(v, "kv"), pos)
+            ikeys = cache.indexer_step(self.indexer.wk(heads.take(k_pre, "kv")), pos)
+            carry = cache.carry_buffer(kr, kr.shape[2] // s.block_size)
+            if kern is not None:
+                chosen, new_carry = kern.decode_block_select(
+                    qi, ikeys, pos, carry, block_size=s.block_size, top_p=s.top_p, top_k=s.top_k,
+                    sink_blocks=s.sink_blocks, local_blocks=s.local_blocks, scale=s.indexer_scale,
+                    query_stride=s.query_stride)
+            else:
+                chosen, new_carry = retrieval_decode_choice(qi, ikeys, pos, carry, s)
+            carry.copy_(new_carry)
+            qr = heads.take(q, "q").reshape(B, Hr, -1, D)
+            ret = attend_rows(qr, kr, vr, pos + 1, chosen).reshape(B, -1, 1, D)
         return heads.merge(stream, ret)
 
     def _rtpurbo_store_prefill(self, cache, k, v, qi, ki):
@@ -543,10 +550,18 @@ def sparse_attention_class(base: type) -> type:
 
 
 # ---- the causal LM -----------------------------------------------------------------------------------------------
-def _no_padding(attention_mask) -> None:
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
-        raise ValueError("the RTPurbo model does not support padded batches (attention_mask has zeros): "
-                         "run sequences one at a time or in batches of equal length")
+def _left_padded_lengths(attention_mask):
+    """Real-token count per row of a left-padded prompt batch, or None when no row is padded (one device
+    read, at prefill only). Padding elsewhere than on the left is an error."""
+    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.bool().all()):
+        return None
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    suffix = torch.arange(mask.shape[1], device=mask.device) >= (mask.shape[1] - lengths)[:, None]
+    if not torch.equal(mask, suffix) or not bool((lengths > 0).all()):
+        raise ValueError("the RTPurbo model takes left-padded batches only (each row: padding, then its tokens; "
+                         "tokenizer.padding_side = 'left'), with at least one token per row")
+    return lengths.tolist()
 
 
 class RTPurboCausalLMMixin:
@@ -564,6 +579,7 @@ class RTPurboCausalLMMixin:
         settings = RTPurboSparsityConfig.from_model_config(self.config)
         self.rtpurbo_settings = settings
         self.rtpurbo_options = RTPurboOptions()
+        self._rtpurbo_graphs = DecodeGraphs()
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             if getattr(attn, "sliding_window", None):
@@ -646,7 +662,7 @@ class RTPurboCausalLMMixin:
         self.rtpurbo_options.sparse = bool(enabled)
 
     def _rtpurbo_mode(self, cache, num_new: int) -> str:
-        if cache is not None and cache.mode is not None and cache.get_seq_length() > 0:
+        if cache is not None and cache.mode is not None:  # set by its prefill (or by the caller before it)
             return cache.mode
         threshold = self.rtpurbo_settings.seqlen_threshold
         dense = not self.rtpurbo_options.sparse or (threshold > 0 and num_new < threshold)
@@ -665,17 +681,83 @@ class RTPurboCausalLMMixin:
             past_key_values = None  # an empty stock cache from a caller: replace it
         if past_key_values is None and use_cache:
             past_key_values = self.make_cache()
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
-            _no_padding(attention_mask)  # at prefill: later steps only append tokens
+        new = input_ids if input_ids is not None else inputs_embeds
+        cache = past_key_values
+        if cache is None or cache.get_seq_length() == 0:
+            lengths = _left_padded_lengths(attention_mask)  # at prefill: later steps only append tokens
+            if lengths is not None:
+                return self._rtpurbo_prefill_rows(input_ids, inputs_embeds, lengths, cache, labels, logits_to_keep,
+                                                  kwargs)
         else:
             # The RTPurbo attention never reads the mask; without it transformers builds none (and does not
             # sync with the device to check it for padding) on decode steps.
             attention_mask = None
-        num_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        mode = self._rtpurbo_mode(past_key_values, num_new)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                               use_cache=use_cache, logits_to_keep=logits_to_keep, rtpurbo_mode=mode, **kwargs)
+            if new.shape[1] > 1 and cache.ragged:
+                raise ValueError("a cache filled from a left-padded batch (rows of different lengths) takes one "
+                                 "token per row per step; extend its rows one token at a time")
+        mode = self._rtpurbo_mode(cache, new.shape[1])
+        if cache is not None and new.shape[1] == 1 and cache.get_seq_length() > 0 and labels is None:
+            kwargs.pop("cache_position", None)  # positions come from the cache (per row, on the device)
+
+            def eager_step(ids, embeds=inputs_embeds):
+                return self._rtpurbo_decode_forward(ids, embeds, cache, mode, logits_to_keep, kwargs)
+
+            if self._rtpurbo_graphs_apply(new, inputs_embeds, kwargs):
+                return self._rtpurbo_graphs.step(input_ids, cache, eager_step)
+            return eager_step(input_ids)
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=cache, inputs_embeds=inputs_embeds, labels=labels,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep, rtpurbo_mode=mode, **kwargs)
+        if cache is not None:
+            cache.set_lengths([cache.get_seq_length()] * new.shape[0], new.device)
+        return out
+
+    def _rtpurbo_prefill_rows(self, input_ids, inputs_embeds, lengths, cache, labels, logits_to_keep, kwargs):
+        """A left-padded prompt batch: each row runs alone on its own tokens (positions 0.., as if unbatched),
+        then the rows' caches become one batch cache with per-row lengths. All rows take the attention mode
+        of the longest row. Logits are right-aligned like the input (padding columns are 0)."""
+        if labels is not None:
+            raise ValueError("labels with a padded batch: run the rows one at a time")
+        new = input_ids if input_ids is not None else inputs_embeds
+        B, T = new.shape[:2]
+        kwargs.pop("cache_position", None)  # the padded batch's; each row starts at position 0
+        mode = self._rtpurbo_mode(None, max(lengths))
+        row_caches, row_logits = [], []
+        for b, n in enumerate(lengths):
+            row_cache = None
+            if cache is not None:
+                row_cache = self.make_cache(reserve=cache.layers[0].reserve)
+                row_cache.mode = mode
+            ids = None if input_ids is None else input_ids[b:b + 1, T - n:]
+            embeds = None if inputs_embeds is None else inputs_embeds[b:b + 1, T - n:]
+            out = super().forward(input_ids=ids, inputs_embeds=embeds, past_key_values=row_cache,
+                                  use_cache=cache is not None, logits_to_keep=logits_to_keep, rtpurbo_mode=mode,
+                                  **kwargs)
+            row_caches.append(row_cache)
+            row_logits.append(out.logits[0])
+        width = max(x.shape[0] for x in row_logits)
+        logits = row_logits[0].new_zeros(B, width, row_logits[0].shape[-1])
+        for b, x in enumerate(row_logits):
+            logits[b, width - x.shape[0]:] = x
+        if cache is not None:
+            cache.adopt_rows(row_caches, mode)
+        return type(out)(logits=logits, past_key_values=cache)
+
+    def _rtpurbo_decode_forward(self, input_ids, inputs_embeds, cache, mode, logits_to_keep, kwargs):
+        """One decode step: RoPE at each row's own position, then every row's position advances (in place,
+        on the device: a recorded CUDA graph replays it)."""
+        out = super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=cache.positions[:, None],
+                              past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep, rtpurbo_mode=mode,
+                              **kwargs)
+        cache.positions.add_(1)
+        return out
+
+    def _rtpurbo_graphs_apply(self, new, inputs_embeds, kwargs) -> bool:
+        """Replay decode steps from a CUDA graph (decode_graph_rtpurbo.py) when on CUDA, asked for, and the
+        step returns only logits."""
+        wants_more = any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states"))
+        return (self.rtpurbo_options.cuda_graphs and new.is_cuda and inputs_embeds is None and not wants_more
+                and not torch.cuda.is_current_stream_capturing())
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
