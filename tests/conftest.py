@@ -6,12 +6,37 @@
   sees what C++ code calls.
 - `forbid_python_syncs` (fixture -> function(patch)): makes the Python-level tensor reads (`.item()`,
   `.tolist()`, `bool()`, `.cpu()`, ...) raise, on a `monkeypatch.context()`.
+Also lets Triton's CPU interpreter run under NumPy >= 2.4 (kernel tests, and model tests that run kernels).
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def _allow_numpy24_in_interpreter():
+    # Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with
+    # int(array), which NumPy >= 2.4 rejects; the kernels loop over counts read from memory
+    # (block_cnt, qb + 1), so on CPU they would fail there only.
+    try:
+        int(np.zeros(1))
+        return
+    except TypeError:
+        pass
+    import triton.runtime.interpreter as interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+_allow_numpy24_in_interpreter()
 
 ATEN_SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "argwhere", "masked_select", "bincount",
                  "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim"}
