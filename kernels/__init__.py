@@ -9,6 +9,8 @@ _ENTRY_POINTS = {
     "merge_head_blocks": "block_sparse_attn",
     "indexer_block_select": "indexer_select",
     "indexer_kl_loss": "indexer_kl",
+    "decode_block_select": "sparse_decode",
+    "decode_attention": "sparse_decode",
 }
 __all__ = list(_ENTRY_POINTS)
 

@@ -185,3 +185,32 @@ def test_kernel_prefill_queues_without_host_sync(forbid_host_sync):
         for qb in range(nqb):
             blocks = seen["idx"][0, h, qb, :seen["cnt"][0, h, qb]].tolist()
             assert blocks == sorted(set(blocks)) and all(0 <= kb <= qb for kb in blocks) and qb in blocks
+
+
+@pytest.mark.parametrize("settings", [{"top_p": 0.6}, {"top_k": 2, "query_stride": 4}, {"seqlen_threshold": 1000}])
+def test_decode_kernels_in_the_model_equal_the_pytorch_step(monkeypatch, settings):
+    # The exported model's decode step through rtpurbo_kernels' Triton decode kernels (interpreter) vs its
+    # own PyTorch step, on a ragged batch (rows at different positions) crossing block edges.
+    import rtpurbo_kernels.sparse_decode as sparse_decode
+
+    from .test_batched_decode import _left_padded
+
+    model = remote_model(layers=1, heads=4, kv_heads=2, retrieval=(1,), **settings)
+    ids, mask = _left_padded([random_ids(n, seed=n) for n in (30, 47)])
+    steps = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def run(backend):
+        model.rtpurbo_options.backend = backend
+        cache = model.make_cache()
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+            return torch.cat([model(steps[:, i:i + 1], past_key_values=cache).logits for i in range(12)], dim=1)
+
+    want = run("torch")
+    calls = []
+    with monkeypatch.context() as patch:
+        patch.setattr(sparse_decode, "resolve_backend", lambda backend, device: calls.append(backend) or "triton")
+        got = run("kernels")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    # every step ran the kernels: dense mode one attention, sparse mode two attentions and a selection
+    assert len(calls) == 12 * (1 if "seqlen_threshold" in settings else 3)
