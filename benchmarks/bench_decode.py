@@ -20,8 +20,9 @@ Decode time per token = (generate(prompt, new) - generate(prompt, 1)) / (new - 1
 greedy, every row of a batch the same length, CUDA-synced wall clock, median of --repeats. KV bytes per
 sequence are measured on the caches after a prefill; the largest batch that fits is an estimate:
 (GPU memory - weights - 10% headroom) / per-sequence KV bytes, without activations.
---check-tokens N: greedy tokens of N new tokens from the sparse graph + kernel path vs the sparse PyTorch
-path (backend "torch", eager), batch 1.
+--check-tokens N: on one loaded sparse model, batch 1, the kernel + graph path vs the PyTorch path (backend
+"torch", eager): prefill last-position logits (relative L2 error, argmax), then N greedy tokens with a PyTorch
+prefill and decode steps alone compared (tokens identical, step-logit error), then the whole path.
 """
 from __future__ import annotations
 
@@ -89,19 +90,55 @@ def largest_batch(per_sequence: int, weights: int, device) -> str:
 
 
 def check_tokens(folder, device, prompt, new) -> list[str]:
-    """Greedy tokens: graph + kernel path vs the PyTorch path of the same sparse folder."""
+    """Kernel + graph path vs PyTorch path of one loaded sparse model: prefill, decode alone, whole path."""
     ids = torch.randint(3, 250, (1, prompt), device=device, generator=torch.Generator(device).manual_seed(1))
-    outs = {}
-    for label, backend, graphs in (("kernels + CUDA graphs", "auto", True), ("PyTorch, eager", "torch", False)):
-        model = load(folder, True, device, {"cuda_graphs": graphs})
-        model.rtpurbo_options.backend = backend
-        with torch.no_grad():
-            outs[label] = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, prompt:]
-        del model
-    a, b = outs.values()
-    same = int((a == b).cumprod(0).sum())
-    return [f"- greedy tokens, {new} new after a {prompt}-token prompt: kernel + graph path vs PyTorch path: "
-            f"first {same} of {new} identical" + (" (all)" if same == new else f"; first difference at token {same}")]
+    model = load(folder, True, device, {"cuda_graphs": True})
+    opts = model.rtpurbo_options
+
+    def rel(a, b):
+        a, b = a.float(), b.float()
+        return float((a - b).norm() / b.norm())
+
+    def greedy(prefill, decode, graphs):
+        """Prefill with backend `prefill`, then new - 1 greedy steps with `decode`; tokens and step logits."""
+        cache = model.make_cache(reserve=prompt + new)
+        opts.backend, opts.cuda_graphs = prefill, graphs
+        logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
+        opts.backend = decode
+        tokens, steps = [], [logits[:, -1]]
+        for _ in range(new - 1):
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+            logits = model(tokens[-1], past_key_values=cache, logits_to_keep=1).logits
+            steps.append(logits[:, -1])
+        tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(tokens, 1)[0], steps
+
+    def compare(a, b):
+        same = int((a[0] == b[0]).cumprod(0).sum())
+        err = max(rel(x, y) for x, y in zip(a[1][:same], b[1][:same])) if same else float("nan")
+        tail = " (all)" if same == new else f"; first difference at token {same}"
+        return f"first {same} of {new} identical{tail}", err
+
+    with torch.no_grad():
+        first = {}
+        for backend in ("auto", "torch"):
+            opts.backend = backend
+            cache = model.make_cache(reserve=prompt + new)
+            first[backend] = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        ref = greedy("torch", "torch", False)
+        decode = greedy("torch", "auto", True)
+        replays = model._rtpurbo_graphs.replays
+        whole = greedy("auto", "auto", True)
+    agree = bool((first["auto"].argmax(-1) == first["torch"].argmax(-1)).all())
+    decode_same, decode_err = compare(decode, ref)
+    whole_same, _ = compare(whole, ref)
+    head = f"{prompt}-token prompt, {new} new tokens, greedy, kernel + graph path vs PyTorch path"
+    return [f"- {head} (backend \"torch\", eager), one loaded model:",
+            f"- prefill: last-position logits relative L2 error {rel(first['auto'], first['torch']):.2e}; "
+            f"argmax {'agrees' if agree else 'differs'}",
+            f"- decode alone (both prefill with PyTorch): {decode_same}; max step-logit relative L2 error while "
+            f"identical {decode_err:.2e}; {replays} of {new - 1} decode steps were CUDA-graph replays",
+            f"- whole path (kernel prefill too): {whole_same}"]
 
 
 def main(argv=None):
