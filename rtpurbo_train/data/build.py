@@ -14,6 +14,13 @@ from .sources import iter_documents, resolve_source
 from .split import is_held_out
 
 
+def check_sources(cfg: DataConfig) -> None:
+    """Every source's path resolves (files exist, one known format): a UserError naming the first that does
+    not, before a run loads anything. Reads no records."""
+    for source in cfg.sources:
+        resolve_source(source)
+
+
 def build_train_loader(
     cfg: DataConfig,
     tokenizer,

@@ -30,8 +30,8 @@ class SourceConfig(BaseModel):
 class DataConfig(BaseModel):
     """Training data: user sources and/or the synthetic long-context mix, with their weights.
 
-    With no `sources` and no `synthetic`, the data is the synthetic mix alone (so the quickstart needs
-    no user files). Documents shorter than `min_tokens` (or longer than `max_tokens`) are skipped
+    With no `sources` and no `synthetic`, the data is the synthetic mix alone (the tiny test recipes need no
+    files; the shipped recipes list the public corpus, rtpurbo_train.corpora, as sources). Documents shorter than `min_tokens` (or longer than `max_tokens`) are skipped
     and counted. `eval_fraction` of each source's documents (chosen by a hash of the source path and
     the record index, so the choice is stable) is held out for evaluation and never trained on.
     """

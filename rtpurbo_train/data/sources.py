@@ -69,20 +69,52 @@ class ResolvedSource:
         return h.hexdigest()[:32]
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _missing(raw: str, what: str) -> UserError:
+    """The error for a path that is not there, with the fix when it is the public corpus (`make data`)."""
+    from ..corpora import PUBLIC_CORPUS_DIR
+
+    where = " (looked in . and in the repository)" if not Path(raw).expanduser().is_absolute() else ""
+    message = f"{what}: {raw}{where}"
+    candidate = Path(raw).expanduser()
+    candidate = candidate if candidate.is_absolute() else REPO_ROOT / candidate
+    try:
+        candidate.resolve().relative_to(PUBLIC_CORPUS_DIR.resolve())
+        message += "; it is part of the public corpus: build it with `make data` (python -m rtpurbo_train.corpora)"
+    except ValueError:
+        pass
+    return UserError(message)
+
+
+def _locate(raw: str) -> Path:
+    """A relative path is looked up in the working directory, then in the repository (like deepspeed.config),
+    so the shipped recipes' `data/public/...` sources work from anywhere."""
+    path = Path(raw).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    in_repo = REPO_ROOT / path
+    if any(ch in raw for ch in "*?["):  # a pattern: the repository only when it matches there and not here
+        here, there = glob.glob(str(path), recursive=True), glob.glob(str(in_repo), recursive=True)
+        return in_repo if there and not here else path
+    return in_repo if in_repo.exists() else path
+
+
 def resolve_source(cfg: SourceConfig) -> ResolvedSource:
     """Decide format and files; a missing path or unusable folder is a UserError naming it."""
     raw = cfg.path
-    path = Path(raw).expanduser()
+    path = _locate(raw)
     if any(ch in raw for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise UserError(f"data source {raw}: no files match this pattern")
+            raise _missing(raw, "data source: no files match the pattern")
         kinds = {cfg.format if cfg.format != "auto" else _suffix_kind(f) for f in files}
         if None in kinds or len(kinds) != 1:
             raise UserError(f"data source {raw}: the matched files must share one known format (found {sorted(map(str, kinds))})")
         return ResolvedSource(cfg, kinds.pop(), files, path)
     if not path.exists():
-        raise UserError(f"data file not found: {raw}")
+        raise _missing(raw, "data file not found")
     if path.is_dir():
         if cfg.format == "disk" or (cfg.format == "auto" and _is_disk_folder(path)):
             return ResolvedSource(cfg, "disk", sorted(p for p in path.rglob("*") if p.is_file()), path)

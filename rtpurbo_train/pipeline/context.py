@@ -23,6 +23,10 @@ PLAN_SETTINGS = ("window", "sink_tokens", "block_size", "indexer_dim", "top_p", 
                  "seqlen_threshold")
 
 
+NO_PLAN = ("this recipe needs a sparsity plan: add a calibrate stage first, or set sparsity.plan to a plan.json "
+           "from an earlier run")
+
+
 @dataclass
 class RunContext:
     recipe: object
@@ -148,8 +152,7 @@ class RunContext:
         saved = self.out_dir / "plan.json"
         source = self.recipe.sparsity.plan or (str(saved) if saved.is_file() else None)
         if source is None:
-            raise UserError("this recipe needs a sparsity plan: add a calibrate stage first, or set sparsity.plan "
-                            "to a plan.json from an earlier run")
+            raise UserError(NO_PLAN)
         try:
             plan = SparsityPlan.load(source)
         except (FileNotFoundError, ValueError) as err:

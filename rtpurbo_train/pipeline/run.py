@@ -5,6 +5,7 @@ import time
 
 from .. import distributed as dist
 from ..config import dump_recipe
+from ..errors import UserError
 from ..trainer import preemption
 from ..trainer.engine import load_ds_config
 from ..trainer.loop import train_stage
@@ -20,10 +21,26 @@ TRAINING = ("indexer_warmup", "sparse_train")
 DONE_FILE = "DONE"  # written last: cluster entry points tell a finished run from a stopped one
 
 
+def check_inputs(recipe, out_dir) -> None:
+    """What later stages read, checked before anything is written or loaded: the sparsity plan (without a
+    calibrate stage), then the data sources' paths (for training and evaluation stages)."""
+    from pathlib import Path
+
+    from ..data import check_sources
+    from .context import NO_PLAN
+
+    kinds = [s.type for s in recipe.stages]
+    if "calibrate" not in kinds and not recipe.sparsity.plan and not (Path(out_dir) / "plan.json").is_file():
+        raise UserError(NO_PLAN)
+    if any(k in TRAINING + ("evaluate",) for k in kinds):
+        check_sources(recipe.data)
+
+
 def run_recipe(recipe, output_dir: str | None = None) -> RunContext:
     device = dist.init()
     ds_base = load_ds_config(recipe.deepspeed.config)
     out_dir, resuming = resolve_output_dir(recipe, output_dir)
+    check_inputs(recipe, out_dir)
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))

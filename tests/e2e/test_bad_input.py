@@ -36,3 +36,18 @@ def test_existing_output_dir_of_another_run_is_not_overwritten(tmp_path):
 def test_missing_plan_for_a_recipe_without_calibration(tmp_path):
     _fails("--recipe", "indexer_warmup", "--set", "model.name_or_path=tiny-llama", "--output-dir",
            str(tmp_path / "r"), fragment="needs a sparsity plan")
+
+
+def test_missing_data_path_stops_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    missing = tmp_path / "corpus" / "long.jsonl"
+    _fails("--recipe", str(TINY), "--set", f"data.sources=[{{path: {missing}}}]", "--output-dir", str(out),
+           fragment=f"data file not found: {missing}")
+    assert not out.exists()
+    _fails("--recipe", str(TINY), "--set", f"data.sources=[{{path: {tmp_path}/*.parquet}}]", "--dry-run",
+           fragment="no files match")
+
+
+def test_missing_public_corpus_says_how_to_build_it(tmp_path):
+    _fails("--recipe", str(TINY), "--set", "data.sources=[{path: data/public/not_built.jsonl}]", "--dry-run",
+           fragment="build it with `make data`")
