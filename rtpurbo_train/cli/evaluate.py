@@ -12,6 +12,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="context lengths (tokens)")
     p.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths in [0, 1]")
     p.add_argument("--samples-per-cell", type=int, default=None)
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="needle tasks (passkey single_needle multikey multivalue vartrack)")
+    p.add_argument("--haystack", default=None, choices=["auto", "heldout", "generated"],
+                   help="needle haystack: held-out documents of data.sources, or the generated filler")
     p.add_argument("--backend", default=None, choices=["auto", "reference", "triton"])
     p.add_argument("--debug", action="store_true")
     return p
@@ -30,9 +34,14 @@ def _main(args) -> None:
         ctx.runtime.backend = args.backend
     defaults = next((s for s in ctx.recipe.stages if s.type == "evaluate"), EvaluateStage())
     stage = defaults.model_copy(update={k: v for k, v in {"lengths": args.lengths, "depths": args.depths,
-                                                          "samples_per_cell": args.samples_per_cell}.items()
+                                                          "samples_per_cell": args.samples_per_cell,
+                                                          "tasks": args.tasks, "haystack": args.haystack}.items()
                                         if v is not None})
-    stage = EvaluateStage.model_validate(stage.model_dump())
+    try:
+        stage = EvaluateStage.model_validate(stage.model_dump())
+    except ValueError as err:  # pydantic's ValidationError, e.g. an unknown task
+        from ..errors import UserError
+        raise UserError(f"invalid evaluation settings: {str(err).splitlines()[-1].strip()}") from None
     run_evaluate(ctx, stage, "evaluate")
 
 

@@ -6,6 +6,8 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..synthetic.config import TaskName
+
 # `kl_query_block_stride: auto` keeps the indexer KL on about this many query positions per sequence.
 KL_AUTO_QUERY_ROWS = 8192
 
@@ -115,11 +117,19 @@ class ExportStage(Strict):
 
 
 class EvaluateStage(Strict):
-    """Dense vs sparse evaluation -> DIR/report.md, DIR/metrics.json, plots."""
+    """Dense vs sparse evaluation -> DIR/report.md, DIR/metrics.json, plots.
+
+    Text (the report names it): perplexity by position on the held-out documents of `data.sources`
+    (document-level hold-out, `data.eval_fraction`; never trained on), or on held-out synthetic documents
+    when the recipe has no sources. Needle haystacks (`haystack`): `heldout` = those held-out documents,
+    `generated` = the built-in filler sentences, `auto` = heldout when `data.sources` is set."""
     type: Literal["evaluate"] = "evaluate"
     lengths: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1024, 2048])
     depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
     samples_per_cell: int = Field(2, gt=0)
+    tasks: list[TaskName] = Field(default_factory=lambda: ["passkey", "single_needle", "multikey", "multivalue"],
+                                  min_length=1, description="needle tasks; sample k of a cell runs tasks[k % len]")
+    haystack: Literal["auto", "heldout", "generated"] = "auto"
     perplexity_docs: int = Field(4, gt=0)
     perplexity_len: int = Field(1024, gt=0)
 

@@ -25,7 +25,8 @@ def evaluate(model, tokenizer, runtime, plan: SparsityPlan, *, lengths: Sequence
              samples_per_cell: int, perplexity_texts: Optional[Iterable[str]], perplexity_len: int, out_dir,
              seed: int = 0, monitor=None, perplexity_docs: int = 4, perplexity_buckets: int = 8,
              timing_runs: int = 3, tasks: Sequence[str] = ("passkey",), scoring: str = "teacher_forced",
-             haystack_texts: Optional[Sequence[str]] = None, global_step: int = 0, progress: bool = True) -> dict:
+             haystack_texts: Optional[Sequence[str]] = None, text_sources: Optional[dict[str, str]] = None,
+             global_step: int = 0, progress: bool = True) -> dict:
     """Evaluate `model` (with `runtime = attach_sparsity(model, plan)`) dense and sparse.
 
     - Needle grid: `samples_per_cell` synthetic prompts (`tasks`, rtpurbo_train.synthetic) per
@@ -39,6 +40,10 @@ def evaluate(model, tokenizer, runtime, plan: SparsityPlan, *, lengths: Sequence
     - Sparsity and attention recall per layer at each length (from `runtime.measuring()` during the
       sparse needle forwards), KV-cache bytes dense vs sparse (from the plan, in the model's dtype),
       prefill time dense vs sparse per length (median of `timing_runs`, first prompt of each length).
+
+    - `haystack_texts`: the text the needles are hidden in (None: the generated filler sentences).
+      `text_sources`: {"perplexity": ..., "haystack": ...}, how the report names the texts (a default
+      is written when missing).
 
     Every rank runs the same forwards (sharded models need all ranks); rank 0 writes `out_dir/report.md`,
     `out_dir/metrics.json`, `out_dir/plots/*.png` and logs to `monitor` (scalars under `eval/`, at
@@ -67,11 +72,14 @@ def evaluate(model, tokenizer, runtime, plan: SparsityPlan, *, lengths: Sequence
     finally:
         model.train(was_training)
 
+    text = {"perplexity": "the given texts" if perplexity_texts is not None else "none",
+            "haystack": "the given haystack texts" if haystack_texts is not None else "generated filler sentences",
+            **(text_sources or {})}
     results = {
         "config": {"lengths": lengths, "depths": depths, "samples_per_cell": samples_per_cell, "seed": seed,
                    "tasks": list(tasks), "scoring": scoring, "perplexity_len": perplexity_len,
                    "perplexity_docs": perplexity_docs, "perplexity_buckets": perplexity_buckets,
-                   "timing_runs": timing_runs},
+                   "timing_runs": timing_runs, "text": text},
         "device": device_label(device),
         "dtype": str(dtype).replace("torch.", ""),
         "needle": needle_summary(records, lengths, depths, scoring),

@@ -26,8 +26,11 @@ def build_needle_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[flo
                          haystack_texts: Optional[Sequence[str]] = None) -> list[NeedlePrompt]:
     """`samples_per_cell` prompts per (length, depth), ordered by length, depth, sample.
 
-    Sample k of a cell runs task `tasks[k % len(tasks)]`. Each prompt has its own seed (so its own
-    values and haystack window), fixed by (`seed`, cell, k): the same call gives the same prompts.
+    The tasks rotate over the whole grid: prompt j (in that order) runs `tasks[j % len(tasks)]`, so a
+    small grid still covers every task, and with `samples_per_cell` a multiple of `len(tasks)` every cell
+    holds each task equally. Each prompt has its own seed (so its own values and haystack window), fixed
+    by (`seed`, cell, k): the same call gives the same prompts. `haystack_texts`: the text the needles
+    are hidden in (None: the generated filler sentences).
     """
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
@@ -37,7 +40,7 @@ def build_needle_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[flo
         for di, depth in enumerate(depths):
             for k in range(samples_per_cell):
                 prompt_seed = ((seed * len(lengths) + li) * len(depths) + di) * samples_per_cell + k
-                task = tasks[k % len(tasks)]
+                task = tasks[len(prompts) % len(tasks)]
                 example = make_example(task, tokenizer, context_tokens=length, depth=depth,
                                        seed=prompt_seed, texts=haystack_texts)
                 prompts.append(tokenize_example(tokenizer, example.prompt, example.answer, length, depth, task))

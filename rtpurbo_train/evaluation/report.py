@@ -19,8 +19,8 @@ def _num(x: float, fmt: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def _needle_section(needle: dict, lengths: list[int], depths: list[float]) -> list[str]:
-    lines = ["## Needle accuracy (greedy exact match)", "",
+def _needle_section(needle: dict, lengths: list[int], depths: list[float], haystack: str) -> list[str]:
+    lines = ["## Needle accuracy (greedy exact match)", "", f"Haystack: {haystack}.", "",
              f"Overall: dense {_pct(needle['dense'])}, sparse {_pct(needle['sparse'])} "
              f"(sparse / dense = {_num(needle['sparse_over_dense'])}); {needle['prompts_scored']} prompts, "
              f"scored by {needle['scoring'].replace('_', ' ')}.", ""]
@@ -37,8 +37,8 @@ def _needle_section(needle: dict, lengths: list[int], depths: list[float]) -> li
     return lines
 
 
-def _perplexity_section(ppl: dict) -> list[str]:
-    lines = ["## Perplexity by position (held-out text)", ""]
+def _perplexity_section(ppl: dict, text: str) -> list[str]:
+    lines = ["## Perplexity by position (held-out text)", "", f"Text: {text}.", ""]
     if "skipped" in ppl:
         return lines + [f"Not measured: {ppl['skipped']}", ""]
     lines += [f"{ppl['docs']} documents of {ppl['seq_len']} tokens. Overall: dense {_num(ppl['dense'])}, "
@@ -111,9 +111,11 @@ def render_report(results: dict) -> str:
              f"Model dtype {results['dtype']}, device {results['device']}, seed {cfg['seed']}. "
              f"Context lengths {cfg['lengths']}, depths {cfg['depths']}, {cfg['samples_per_cell']} prompt(s) per cell, "
              f"tasks {cfg['tasks']}.", ""]
+    text = {"perplexity": "not recorded", "haystack": "not recorded", **cfg.get("text", {})}
+    lines += [f"Text: perplexity on {text['perplexity']}; needle haystack: {text['haystack']}.", ""]
     lines += _summary_section(results)
-    lines += _needle_section(results["needle"], cfg["lengths"], cfg["depths"])
-    lines += _perplexity_section(results["perplexity"])
+    lines += _needle_section(results["needle"], cfg["lengths"], cfg["depths"], text["haystack"])
+    lines += _perplexity_section(results["perplexity"], text["perplexity"])
     lines += _attention_section(results["attention"], results["plan"]["num_layers"])
     lines += _kv_section(results["kv_cache"])
     lines += _prefill_section(results["prefill"])

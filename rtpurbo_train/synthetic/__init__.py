@@ -1,4 +1,4 @@
-"""Synthetic long-context tasks (passkey, multi-key, multi-value, variable tracking) over a haystack
+"""Synthetic long-context tasks (passkey, single needle, multi-key, multi-value, variable tracking) over a haystack
 generated in code or made of the user's text. Nothing here comes from third-party prose."""
 from .compose import ContextTooShort, SyntheticExample, TaskParts
 from .config import SyntheticConfig, TaskName, TaskOptions

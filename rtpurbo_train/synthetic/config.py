@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-TaskName = Literal["passkey", "multikey", "multivalue", "vartrack"]
+TaskName = Literal["passkey", "single_needle", "multikey", "multivalue", "vartrack"]
 ValueKind = Literal["number", "word", "uuid"]
 
 

@@ -64,29 +64,33 @@ MAX_UNIT_WORDS = 40  # long sentences are cut so a unit stays a fine-grained ste
 
 
 class TextHaystack:
-    """The user's texts, split into sentence units and cycled endlessly from a seeded start text."""
+    """The user's texts, split into sentence units and cycled endlessly from a seeded start text.
+
+    A text is split only when the stream reaches it, so a haystack over a large corpus (the training
+    texts of `synthetic.haystack: sources`, tens of MB) costs nothing until it is read."""
 
     def __init__(self, texts: Sequence[str], seed: int = 0):
-        self.paragraphs: list[list[str]] = []
-        for text in texts:
-            if not isinstance(text, str):
-                continue
-            pieces = []
-            for sentence in _SENTENCE_END.split(text.strip()):
-                tokens = sentence.split()
-                pieces += [" ".join(tokens[i : i + MAX_UNIT_WORDS]) for i in range(0, len(tokens), MAX_UNIT_WORDS)]
-            if pieces:
-                self.paragraphs.append(pieces)
-        if not self.paragraphs:
+        self.texts = texts if isinstance(texts, (list, tuple)) else list(texts)
+        if not any(isinstance(t, str) and t.strip() for t in self.texts):
             raise ValueError("haystack texts are empty: give at least one non-empty string")
         self.seed = seed
 
+    @staticmethod
+    def pieces(text: str) -> list[str]:
+        """The sentence units of one text (sentences, long ones cut to MAX_UNIT_WORDS words)."""
+        out = []
+        for sentence in _SENTENCE_END.split(text.strip()):
+            tokens = sentence.split()
+            out += [" ".join(tokens[i : i + MAX_UNIT_WORDS]) for i in range(0, len(tokens), MAX_UNIT_WORDS)]
+        return out
+
     def units(self) -> Iterator[str]:
-        start = random.Random(f"rtpurbo-text-haystack:{self.seed}").randrange(len(self.paragraphs))
+        n = len(self.texts)
+        k = random.Random(f"rtpurbo-text-haystack:{self.seed}").randrange(n)
         first = True
-        k = start
         while True:
-            for i, piece in enumerate(self.paragraphs[k % len(self.paragraphs)]):
+            text = self.texts[k % n]
+            for i, piece in enumerate(self.pieces(text) if isinstance(text, str) else []):
                 sep = "" if first else ("\n\n" if i == 0 else " ")
                 first = False
                 yield sep + piece

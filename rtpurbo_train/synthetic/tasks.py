@@ -3,6 +3,7 @@
 | task | needles | question -> answer |
 | --- | --- | --- |
 | `passkey` | "The pass key is 68219." | "... The pass key is" -> " 68219" |
+| `single_needle` | one fact "One of the special magic numbers for K is: V." (RULER's single NIAH) | -> " V" |
 | `multikey` | `num_keys` facts "One of the special magic numbers for K is: V."; one queried | -> " V" |
 | `multivalue` | `num_values` facts under the same key | -> " V1, V2, V3" (order of appearance) |
 | `vartrack` | chains "VAR ABCDE = 12345.", "VAR FGHIJ = ABCDE.", ... (`num_chains`, `num_hops`) | -> " ABCDE FGHIJ ..." |
@@ -92,6 +93,14 @@ def build_multikey(rng: random.Random, depth: float, opts: TaskOptions) -> TaskP
     )
 
 
+def build_single_needle(rng: random.Random, depth: float, opts: TaskOptions) -> TaskParts:
+    """RULER's single needle-in-a-haystack: the multikey template with one key and no distractors."""
+    parts = build_multikey(rng, depth, opts.model_copy(update={"num_keys": 1}))
+    parts.task = "single_needle"
+    parts.prefix = parts.prefix.replace("Make sure to memorize them.", "Make sure to memorize it.")
+    return parts
+
+
 def build_multivalue(rng: random.Random, depth: float, opts: TaskOptions) -> TaskParts:
     key_kind = rng.choice(opts.key_kinds)
     taken: set = set()
@@ -151,6 +160,7 @@ def build_vartrack(rng: random.Random, depth: float, opts: TaskOptions) -> TaskP
 
 TASK_BUILDERS: dict[str, Callable[[random.Random, float, TaskOptions], TaskParts]] = {
     "passkey": build_passkey,
+    "single_needle": build_single_needle,
     "multikey": build_multikey,
     "multivalue": build_multivalue,
     "vartrack": build_vartrack,

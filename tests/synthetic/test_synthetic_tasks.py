@@ -110,7 +110,7 @@ def test_too_short_context_is_an_error():
 def test_mix_fills_sequences_and_separates_streams():
     cfg = SyntheticConfig(seed=3)
     docs = [mix_example(cfg, i, TOK, seq_len=1024) for i in range(40)]
-    assert {d.task for d in docs} == set(TASKS)  # uniform weights: 40 draws cover the 4 tasks
+    assert {d.task for d in docs} == set(cfg.tasks)  # uniform weights: 40 draws cover the 4 training tasks
     for d in docs:
         assert 0.95 * 1023 <= n_tokens(d.text) <= 1023  # + eos = the sequence
     again = mix_example(cfg, 4, TOK, seq_len=1024)
