@@ -56,7 +56,8 @@ def _gguf_stamp(gguf_path: Path) -> dict:
 
 def _is_complete(folder: Path, stamp: dict) -> bool:
     marker = folder / MARKER
-    if not marker.is_file():
+    # the weights and config too: an older conversion on a rank other than 0 left a marker without them
+    if not all((folder / name).is_file() for name in (MARKER, "config.json", "model.safetensors")):
         return False
     try:
         return json.loads(marker.read_text()) == stamp
@@ -103,7 +104,14 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     plain.generation_config = quantized.generation_config
     tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.clean_up_tokenization_spaces = False  # destructive for BPE tokenizers (transformers warns)
-    plain.save_pretrained(out_dir, safe_serialization=True)
+    # Not plain.save_pretrained: under torch.distributed transformers writes weights on rank 0 only, and
+    # whichever rank takes the conversion lock converts (the quickstart's rank 1 wrote a folder without them).
+    from safetensors.torch import save_model
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    plain.config.save_pretrained(out_dir)
+    plain.generation_config.save_pretrained(out_dir)
+    save_model(plain, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})  # tied weights once
     tokenizer.save_pretrained(out_dir)
 
 

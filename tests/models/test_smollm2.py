@@ -17,8 +17,15 @@ needs_gguf = pytest.mark.skipif(
 
 @needs_gguf
 def test_smollm2_converts_once_and_predicts_paris(tmp_path, monkeypatch):
+    import transformers.distributed.mixin as hf_distributed
+
     monkeypatch.setenv("RTPURBO_CACHE", str(tmp_path))
-    model, tok = load_model(ModelConfig(), device="cpu")
+    # Converted by rank 1 of a distributed launch (whichever rank takes the lock converts): transformers'
+    # save_pretrained writes weights on rank 0 only, so the conversion must not depend on it.
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_distributed, "_is_torch_distributed_initialized", lambda: True, raising=False)
+        patch.setattr(hf_distributed, "_get_torch_distributed_rank", lambda: 1, raising=False)
+        model, tok = load_model(ModelConfig(), device="cpu")
     folder = smollm2.smollm2_cache_dir()
     assert folder.parent == tmp_path / "models"
     assert (folder / "model.safetensors").is_file() and (folder / smollm2.MARKER).is_file()
@@ -36,6 +43,13 @@ def test_smollm2_converts_once_and_predicts_paris(tmp_path, monkeypatch):
         logits = model(**ids).logits[0, -1]
     assert torch.isfinite(logits).all()
     assert tok.decode(int(logits.argmax())).strip() == "Paris"
+
+    # A folder with the marker but without its weights (left by an older conversion on rank 1) is not complete.
+    stamp = json.loads((folder / smollm2.MARKER).read_text())
+    assert smollm2._is_complete(folder, stamp)
+    weights = (folder / "model.safetensors").rename(tmp_path / "weights.bak")
+    assert not smollm2._is_complete(folder, stamp)
+    weights.rename(folder / "model.safetensors")
 
     # Second load: from the cache, no conversion.
     monkeypatch.setattr(smollm2, "_convert", lambda *a: pytest.fail("converted twice"))
