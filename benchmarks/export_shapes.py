@@ -52,13 +52,14 @@ def model_config(args, tok, max_len: int):
 
 
 def random_plan(config, window: int, seqlen_threshold: int = 0):
-    """The top 15% of KV heads by seeded random scores; window `window`, sink 4, top-p 0.9, block 64."""
+    """The top 15% of KV heads by seeded random scores; window `window` (streaming heads, and the retrieval
+    heads' own window as in the recipes), sink 4, top-p 0.9, block 64."""
     from rtpurbo_train.plan import HeadLayout, SparsityPlan
 
     layout = HeadLayout.from_config(config)
     scores = torch.rand(layout.num_layers, layout.num_q_heads, generator=torch.Generator().manual_seed(0)).tolist()
-    return SparsityPlan.from_scores(layout, scores, RETRIEVAL_FRACTION, window=window, top_p=TOP_P,
-                                    sink_tokens=4, seqlen_threshold=seqlen_threshold)
+    return SparsityPlan.from_scores(layout, scores, RETRIEVAL_FRACTION, window=window, retrieval_window=window,
+                                    top_p=TOP_P, sink_tokens=4, seqlen_threshold=seqlen_threshold)
 
 
 def _attach_and_export(model, tok, folder, window: int, seqlen_threshold: int):

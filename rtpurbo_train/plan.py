@@ -25,6 +25,16 @@ LONG_CONTEXT_LENGTH = 32768
 LONG_CONTEXT_QUERY_STRIDE = 8
 
 
+# A retrieval head's selection always holds its own query block and the one before it.
+MIN_LOCAL_BLOCKS = 2
+
+
+def window_blocks(window: int, block_size: int) -> int:
+    """Key blocks that hold a query block's sliding window of `window` tokens: blocks qb - n + 1 .. qb, with
+    n = 1 + ceil((window - 1) / block_size) (a key n is in the window of query m when m - n < window)."""
+    return 1 + -(-(window - 1) // block_size) if window > 0 else 0
+
+
 def query_stride_for(seq_len: int) -> int:
     """The `auto` query stride for a model trained at `seq_len` tokens."""
     return LONG_CONTEXT_QUERY_STRIDE if seq_len >= LONG_CONTEXT_LENGTH else 1
@@ -78,6 +88,9 @@ class SparsityPlan(BaseModel):
     # Selection scores every query_stride-th query of a block (and its last); 1 = every query (exact).
     query_stride: int = Field(DEFAULT_QUERY_STRIDE, ge=1)
     retrieval_fraction: float = Field(0.15, gt=0.0, le=1.0)
+    # The sliding window (tokens) retrieval heads keep beside their selected blocks, rounded up to whole
+    # key blocks; 0 = none (their own and the previous block only: plans made before the setting existed).
+    retrieval_window: int = Field(0, ge=0)
     seqlen_threshold: int = Field(0, ge=0)
     # Per layer, a permutation of KV heads applied to the weights (sequence-parallel balancing);
     # None when heads are in their original order.
@@ -146,6 +159,16 @@ class SparsityPlan(BaseModel):
                 row[h] = 1
             flags.append(row)
         return flags
+
+    @property
+    def sink_blocks(self) -> int:
+        """Key blocks holding the sink tokens (at least one: the first block is always selected)."""
+        return max(1, -(-self.sink_tokens // self.block_size))
+
+    @property
+    def retrieval_local_blocks(self) -> int:
+        """Blocks ending at the query block that a retrieval head always attends to (its window)."""
+        return max(MIN_LOCAL_BLOCKS, window_blocks(self.retrieval_window, self.block_size))
 
     def num_retrieval_kv_heads(self) -> int:
         return sum(len(layer.retrieval_kv_heads) for layer in self.layers)
@@ -217,7 +240,8 @@ class SparsityPlan(BaseModel):
             f"({100.0 * self.num_retrieval_kv_heads() / (m.num_layers * m.num_kv_heads):.1f}%)"
             + (f"; the last {self.padded_kv_heads} KV heads are zero padding for sequence parallelism"
                if self.padded_kv_heads else ""),
-            f"  streaming: sink {self.sink_tokens} + window {self.window}; retrieval: indexer dim {self.indexer_dim}, "
+            f"  streaming: sink {self.sink_tokens} + window {self.window}; retrieval: sink + window "
+            f"{self.retrieval_window} ({self.retrieval_local_blocks} blocks) + indexer dim {self.indexer_dim}, "
             + (f"top-k {self.top_k}" if self.top_k else f"top-p {self.top_p}") + f", block {self.block_size}",
             "  layer  retrieval KV heads  max score",
         ]

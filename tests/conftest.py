@@ -10,6 +10,8 @@ Also lets Triton's CPU interpreter run under NumPy >= 2.4 (kernel tests, and mod
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,9 @@ def _allow_numpy24_in_interpreter():
         return
     except TypeError:
         pass
+    # Importing triton fixes its settings: choose the interpreter first, as the README's test command does
+    # (tests/kernels/conftest.py would set it too late once triton is imported here).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     import triton.runtime.interpreter as interpreter
 
     original = interpreter._patch_lang_tensor

@@ -81,12 +81,11 @@ class OracleIndexer(torch.nn.Module):
 @contextmanager
 def variant(model, runtime, name: str, query_stride: int | None = None):
     plan = runtime.plan
-    saved_plan, swapped, select = plan, [], rtpurbo_kernels.indexer_block_select
+    saved_plan, swapped = plan, []
     if query_stride is not None:
         plan = runtime.plan = plan.model_copy(update={"query_stride": query_stride})
-    if name.endswith("_window"):  # retrieval heads keep the window: force the blocks it spans
-        local = plan.window // plan.block_size + 1
-        rtpurbo_kernels.indexer_block_select = lambda *a, **kw: select(*a, **{**kw, "local_blocks": local})
+    if name.endswith("_window"):  # retrieval heads keep the streaming window (other variants: the plan's own)
+        plan = runtime.plan = plan.model_copy(update={"retrieval_window": plan.window})
     if name == "retrieval_full":
         runtime.plan = plan.model_copy(update={"top_p": 1.0, "top_k": None})
     elif name.startswith("oracle"):
@@ -97,7 +96,6 @@ def variant(model, runtime, name: str, query_stride: int | None = None):
     try:
         yield
     finally:
-        rtpurbo_kernels.indexer_block_select = select
         runtime.plan = saved_plan
         for module, indexer in swapped:
             module.indexer = indexer

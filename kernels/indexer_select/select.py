@@ -8,39 +8,50 @@ import torch
 from ..layout import block_index_from_mask, mask_from_block_index, sync_free_width  # noqa: F401 (re-exported)
 
 
+def choose_blocks(mass, q_blocks, *, top_p=0.9, top_k=None, sink_blocks=1, local_blocks=2):
+    """The selection rule. mass float32 [..., NKB] of the query blocks `q_blocks` (absolute indices; any
+    shape that broadcasts to mass.shape[:-1], e.g. [NQB, 1] for a whole sequence or [B, 1] for one decode
+    step per row; entries kb > qb are ignored) -> chosen bool [..., NKB].
+
+    forced     = the sink blocks kb < sink_blocks and the local blocks kb > qb - local_blocks (the window of
+                 a retrieval head), clipped to [0, qb];
+    candidates = the other causal blocks kb <= qb;
+    top-p keeps the smallest prefix of the candidates sorted by mass (descending; equal masses by lower
+    index) whose mass reaches top_p of the candidates' total mass (the mass is renormalised over the blocks
+    outside the forced set: a candidate is kept iff the candidate mass ranked before it is < top_p * total,
+    so at least one); top_k keeps the min(top_k, #candidates) heaviest candidates; top_p >= 1 keeps every
+    causal block. chosen = forced U kept.
+    """
+    nkb = mass.shape[-1]
+    kb = torch.arange(nkb, device=mass.device)
+    qb = q_blocks[..., None]
+    causal = kb <= qb
+    if top_k is None and top_p >= 1.0:
+        return causal.expand(mass.shape)
+    forced = causal & ((kb < sink_blocks) | (kb > qb - local_blocks))
+    candidate = causal & ~forced
+    # Stable sort: equal masses rank by block index, so every backend breaks ties the same way.
+    vals, order = torch.sort(torch.where(candidate, mass.float(), float("-inf")), dim=-1, descending=True,
+                             stable=True)
+    in_candidates = kb < candidate.sum(dim=-1, keepdim=True)  # sorted position r holds a candidate
+    if top_k is not None:
+        keep = in_candidates & (kb < top_k)
+    else:
+        vals = torch.where(in_candidates, vals, 0.0)
+        mass_before = torch.cumsum(vals, dim=-1) - vals
+        keep = in_candidates & ((mass_before < top_p * vals.sum(dim=-1, keepdim=True)) | (kb == 0))
+    kept = torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, keep.expand(mass.shape))
+    return kept | forced
+
+
 def select_blocks_from_mass(mass, *, top_p=0.9, top_k=None, sink_blocks=1, local_blocks=2):
     """mass float32 [B, H, NQB, NQB] (entries kb > qb are ignored, whatever they hold) ->
-    (block_idx int32 [B, H, NQB, MAXB] sorted ascending, -1 padded; block_cnt int32 [B, H, NQB]).
-
-    chosen = smallest prefix of the causal blocks sorted by mass (descending) whose mass sum >= top_p
-    (top_k mode: the min(top_k, qb + 1) heaviest; top_p >= 1 keeps every causal block), then the
-    sink blocks and the `local_blocks` blocks ending at qb are added, all clipped to [0, qb].
+    (block_idx int32 [B, H, NQB, MAXB] sorted ascending, -1 padded; block_cnt int32 [B, H, NQB]):
+    `choose_blocks` for every query block qb.
     """
     nqb = mass.shape[-1]
-    dev = mass.device
-    qb = torch.arange(nqb, device=dev)[:, None]
-    kb = torch.arange(nqb, device=dev)[None, :]
-    causal = kb <= qb  # [NQB, NQB]
-    if top_k is None and top_p >= 1.0:
-        chosen = causal.expand(mass.shape)
-    else:
-        ranked = torch.where(causal, mass.float(), float("-inf"))
-        # Stable sort: equal masses rank by block index, so both backends break ties the same way.
-        vals, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
-        rank = torch.arange(nqb, device=dev)
-        in_causal = rank[None, :] <= qb  # sorted position j holds a causal block iff j <= qb
-        if top_k is not None:
-            keep = in_causal & (rank[None, :] < top_k)
-        else:
-            vals = torch.where(in_causal, vals, 0.0)
-            mass_before = torch.cumsum(vals, dim=-1) - vals
-            # A block is in the minimal prefix iff the mass before it is still short of top_p.
-            keep = in_causal & (mass_before < top_p)
-            keep[..., 0] = True
-        keep = keep.expand(mass.shape)
-        chosen = torch.zeros(mass.shape, dtype=torch.bool, device=dev).scatter_(-1, order, keep)
-    forced = (kb < sink_blocks) | (kb > qb - local_blocks)
-    selected = (chosen | forced) & causal
+    selected = choose_blocks(mass, torch.arange(nqb, device=mass.device), top_p=top_p, top_k=top_k, sink_blocks=sink_blocks,
+                             local_blocks=local_blocks)
     # MAXB known without reading the data (no device sync): top-k bounds it, else the causal range
     width = min(nqb, int(top_k) + sink_blocks + local_blocks) if top_k is not None else sync_free_width(nqb)
     return block_index_from_mask(selected, width=width)

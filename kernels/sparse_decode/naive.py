@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from ..indexer_select.select import choose_blocks
+
 
 def decode_block_mass_reference(qi, ikeys, pos, carry, *, block_size, scale=None, query_stride=1):
     """Block mass of the new token's indexer query, plus the open block's strided mass.
@@ -40,29 +42,11 @@ def decode_block_mass_reference(qi, ikeys, pos, carry, *, block_size, scale=None
 
 
 def select_from_decode_mass(mass, pos, *, block_size, top_p=0.9, top_k=None, sink_blocks=1, local_blocks=2):
-    """mass float32 [B, H, NKB] of the query block qb = pos // block_size -> chosen bool [B, H, NKB]:
-    the smallest prefix of the blocks kb <= qb sorted by mass (descending, ties by index) whose sum
-    reaches top_p (the heaviest always), or the top_k heaviest; top_p >= 1 keeps every block kb <= qb;
-    plus the sink blocks kb < sink_blocks and the local blocks kb > qb - local_blocks; never kb > qb."""
-    B, H, nkb = mass.shape
-    qb = (pos.long() // block_size).view(B, 1, 1)
-    kb = torch.arange(nkb, device=mass.device)
-    causal = kb <= qb  # [B, 1, NKB]
-    if top_k is None and top_p >= 1.0:
-        chosen = causal.expand(B, H, nkb)
-    else:
-        ranked = torch.where(causal, mass.float(), float("-inf"))
-        vals, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
-        in_causal = kb <= qb  # sorted position r holds a causal block iff r <= qb
-        if top_k is not None:
-            keep = in_causal & (kb < top_k)
-        else:
-            vals = torch.where(in_causal, vals, 0.0)
-            keep = in_causal & ((torch.cumsum(vals, dim=-1) - vals) < top_p)
-            keep[..., 0] = True
-        chosen = torch.zeros(B, H, nkb, dtype=torch.bool, device=mass.device).scatter_(-1, order, keep.expand(B, H, nkb))
-    forced = (kb < sink_blocks) | (kb > qb - local_blocks)
-    return (chosen | forced) & causal
+    """mass float32 [B, H, NKB] of the query block qb = pos // block_size -> chosen bool [B, H, NKB]: the rule
+    of `indexer_block_select` (`indexer_select.select.choose_blocks`: sink and local blocks forced, top-p /
+    top-k over the other causal blocks); never kb > qb."""
+    return choose_blocks(mass, (pos.long() // block_size).view(-1, 1), top_p=top_p, top_k=top_k,
+                         sink_blocks=sink_blocks, local_blocks=local_blocks)
 
 
 def decode_block_select_reference(qi, ikeys, pos, carry, *, block_size, top_p=0.9, top_k=None, sink_blocks=1,

@@ -133,26 +133,25 @@ def decode_block_select_kernel(
     row_out = bh.to(tl.int64) * NKB + kb
     tl.store(NEW_CARRY + row_out, new_carry, mask=kb < NKB)
 
+    forced = causal & ((kb < sink_blocks) | (kb > qb - local_blocks))
     if MODE == 0:
         chosen = causal
     else:
-        # Unique int64 keys: mass (non-negative fp32, so its bits order like its value) then lower index.
+        # top-p / top-k over the candidates (causal, not forced), the mass renormalised over them
+        candidate = causal & (~forced)
         bits = mass.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(causal, (bits << LOG_NKB_P) | (NKB_P - 1 - kb).to(tl.int64), -1)
+        key = tl.where(candidate, (bits << LOG_NKB_P) | (NKB_P - 1 - kb).to(tl.int64), -1)
         ranked = tl.sort(key, descending=True)
-        in_causal = (kb <= qb) & (kb < NKB)  # sorted position r holds a causal block iff r <= qb
+        in_candidates = kb < tl.sum(candidate.to(tl.int32), 0)  # sorted position r holds a candidate
         if MODE == 1:
             vals = (ranked >> LOG_NKB_P).to(tl.int32).to(tl.float32, bitcast=True)
-            vals = tl.where(in_causal, vals, 0.0)
-            before = tl.cumsum(vals, 0) - vals  # mass ahead of sorted position r (the reference's formula)
-            keep = in_causal & ((before < top_p) | (kb == 0))
+            vals = tl.where(in_candidates, vals, 0.0)
+            before = tl.cumsum(vals, 0) - vals  # candidate mass ahead of sorted position r
+            keep = in_candidates & ((before < top_p * tl.sum(vals, 0)) | (kb == 0))
         else:
-            keep = in_causal & (kb < top_k)
-        # The kept ranks form a prefix: everything at or above the lightest kept key is chosen.
+            keep = in_candidates & (kb < top_k)
         threshold = tl.min(tl.where(keep, ranked, 0x7FFFFFFFFFFFFFFF), 0)
-        chosen = causal & (key >= threshold)
-    forced = (kb < sink_blocks) | (kb > qb - local_blocks)
-    chosen = (chosen | forced) & causal
+        chosen = (candidate & (key >= threshold)) | forced
     tl.store(CHOSEN + row_out, chosen.to(tl.uint8), mask=kb < NKB)
 
 

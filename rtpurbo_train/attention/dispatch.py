@@ -75,7 +75,7 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
         if need_sparse:
             selection = rtpurbo_kernels.indexer_block_select(
                 qi.detach(), ki.detach(), top_p=plan.top_p, top_k=plan.top_k, block_size=bs,
-                sink_blocks=max(1, -(-plan.sink_tokens // bs)), local_blocks=2, scale=module.indexer.scale,
+                sink_blocks=plan.sink_blocks, local_blocks=plan.retrieval_local_blocks, scale=module.indexer.scale,
                 query_stride=plan.query_stride, backend=runtime.backend)
         if runtime.indexer_kl:
             sel_idx, sel_cnt = selection if (runtime.indexer_kl_selected_only and selection) else (None, None)

@@ -25,6 +25,9 @@ class SparsitySettings(Strict):
     indexer_dim: int = Field(16, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: Optional[int] = Field(None, gt=0, description="fixed top-k blocks instead of top-p")
+    retrieval_window: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
+        "auto", description="the sliding window (tokens) retrieval heads keep beside the blocks their indexer "
+        "selects (top-p / top-k run over the blocks outside it); auto = window; 0 = none")
     query_stride: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
         "auto", description="block selection scores every S-th query of a block and its last (a power of two "
         f"<= 64; 1 = every query, the exact oracle); auto = {LONG_CONTEXT_QUERY_STRIDE} when the longest training "

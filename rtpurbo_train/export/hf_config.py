@@ -19,8 +19,6 @@ from pathlib import Path
 
 from ..plan import SparsityPlan
 from .remote_code.configuration_rtpurbo import RTPURBO_FORMAT
-# The selection constants the training attention uses (rtpurbo_train/attention/dispatch.py).
-LOCAL_BLOCKS = 2
 # Keys transformers may serialise that would pin the training-time attention function.
 _ATTENTION_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal",
                    "_attn_implementation_autoset")
@@ -30,8 +28,9 @@ def rtpurbo_section(plan: SparsityPlan) -> dict:
     return {
         "format": RTPURBO_FORMAT,
         "plan": plan.model_dump(),
-        "sink_blocks": max(1, math.ceil(plan.sink_tokens / plan.block_size)),
-        "local_blocks": LOCAL_BLOCKS,
+        # the selection constants the training attention uses (rtpurbo_train/attention/dispatch.py)
+        "sink_blocks": plan.sink_blocks,
+        "local_blocks": plan.retrieval_local_blocks,
         "indexer_scale": 1.0 / math.sqrt(plan.indexer_dim),
     }
 

@@ -19,7 +19,7 @@ from ..plan import HeadLayout, SparsityPlan, query_stride_for
 from ..trainer import checkpoint as ckpt
 from ..trainer.monitor import Monitor
 
-PLAN_SETTINGS = ("window", "sink_tokens", "block_size", "indexer_dim", "top_p", "top_k", "query_stride",
+PLAN_SETTINGS = ("window", "retrieval_window", "sink_tokens", "block_size", "indexer_dim", "top_p", "top_k", "query_stride",
                  "seqlen_threshold")
 
 
@@ -84,6 +84,8 @@ class RunContext:
         if settings["query_stride"] == "auto":
             lengths = [st.seq_len for st in self.recipe.stages if hasattr(st, "seq_len")]
             settings["query_stride"] = query_stride_for(max(lengths, default=0))
+        if settings["retrieval_window"] == "auto":
+            settings["retrieval_window"] = settings["window"]
         return settings
 
     def use_plan(self, plan: SparsityPlan) -> None:

@@ -61,3 +61,24 @@ def test_small_window_changes_the_output():
     # the first block sees the same keys either way; later tokens lose keys
     torch.testing.assert_close(sparse[:, :64], full[:, :64], atol=2e-5, rtol=1e-4)
     assert (sparse[:, 128:] - full[:, 128:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("retrieval_window,equal", [(None, True), (0, False)])
+def test_retrieval_window_covering_the_sequence_equals_full(retrieval_window, equal):
+    """Retrieval heads keep sink + window + selected blocks: with both windows covering the sequence every
+    head sees every key, however few blocks top-k picks; without the retrieval window, top-k 1 drops keys."""
+    T = 300  # five blocks: sink 0, local 3 and 4, and top-k picks one of 1 and 2
+    model = _model("tiny-llama")
+    plan = SparsityPlan.uniform(HeadLayout.from_config(model.config), [0], window=T + 7, sink_tokens=4, top_k=1,
+                                retrieval_window=T + 7 if retrieval_window is None else retrieval_window)
+    runtime = attach_sparsity(model, plan, backend="reference", seed=1)
+    ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {}
+        for mode in ("full", "sparse"):
+            with runtime.use_mode(mode):
+                logits[mode] = model(input_ids=ids, use_cache=False).logits
+    if equal:
+        torch.testing.assert_close(logits["sparse"], logits["full"], atol=2e-5, rtol=1e-4)
+    else:
+        assert (logits["sparse"] - logits["full"]).abs().max() > 1e-3

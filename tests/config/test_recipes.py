@@ -105,3 +105,32 @@ def test_kl_query_block_stride_auto_and_explicit():
     assert r.stages[1].kl_stride() == 8 and r.stages[2].kl_stride() == 3
     with pytest.raises(UserError, match="kl_query_block_stride"):
         load_recipe("rtpurbo_300step", ["stages.sparse_train.kl_query_block_stride=0"])
+
+
+def test_retrieval_window_auto_is_the_streaming_window_and_becomes_local_blocks():
+    from rtpurbo_train.export.hf_config import rtpurbo_section
+    from rtpurbo_train.plan import HeadLayout, SparsityPlan
+
+    assert _plan_settings(load_recipe("rtpurbo_300step"))["retrieval_window"] == 1024
+    assert _plan_settings(load_recipe("rtpurbo_300step", ["sparsity.retrieval_window=0"]))["retrieval_window"] == 0
+    layout = HeadLayout(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64)
+    plan = SparsityPlan.uniform(layout, [1], window=1024, retrieval_window=1024, block_size=64)
+    assert plan.retrieval_local_blocks == 17  # the query's block and the 16 before it hold its 1024 keys
+    assert rtpurbo_section(plan)["local_blocks"] == 17
+    # a plan file from before the setting: no window, the own and the previous block
+    old = SparsityPlan.model_validate({k: v for k, v in plan.model_dump().items() if k != "retrieval_window"})
+    assert old.retrieval_window == 0 and old.retrieval_local_blocks == 2
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_window_blocks_cover_exactly_the_blocks_a_window_reaches(block_size):
+    # Brute force: key block kb is needed by query block qb when some query m of qb sees some key n of kb
+    # through the window (n <= m, m - n < W).
+    from rtpurbo_train.plan import window_blocks
+
+    qb = 6
+    queries = range(qb * block_size, (qb + 1) * block_size)
+    for window in (1, 2, block_size - 1, block_size, block_size + 1, 3 * block_size, 3 * block_size + 5):
+        needed = {n // block_size for m in queries for n in range(m + 1) if m - n < window}
+        assert needed == set(range(qb - window_blocks(window, block_size) + 1, qb + 1)), window
+    assert window_blocks(0, block_size) == 0

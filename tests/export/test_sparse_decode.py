@@ -32,7 +32,7 @@ def _sparse_layer(**plan_settings):
 
 
 @pytest.mark.parametrize("selection", [{"top_p": 0.6}, {"top_k": 2}, {"top_p": 0.6, "query_stride": 1},
-                                       {"top_p": 0.6, "query_stride": 4}])
+                                       {"top_p": 0.6, "query_stride": 4}, {"top_p": 0.6, "retrieval_window": 20}])
 def test_cached_attention_equals_no_cache_prefix(selection):
     model, attn = _sparse_layer(**selection)
     T = 100
@@ -123,9 +123,10 @@ def test_kv_cache_bytes_follow_the_plan(tmp_path):
     assert sparse_cache.allocated_bytes() == sparse_cache.kv_bytes() + sparse_cache.indexer_bytes()
 
 
-def test_kernel_path_matches_torch_path(tmp_path):
+@pytest.mark.parametrize("retrieval_window", [0, 40])
+def test_kernel_path_matches_torch_path(tmp_path, retrieval_window):
     """`backend="kernels"` runs prefill through rtpurbo_kernels (their PyTorch reference on CPU)."""
-    model, runtime, plan, tok = sparse_model("qwen3", retrieval=(0,), top_p=0.7)
+    model, runtime, plan, tok = sparse_model("qwen3", retrieval=(0,), top_p=0.7, retrieval_window=retrieval_window)
     out = export_model(model, tok, plan, tmp_path / "export", dtype="float32")
     sparse = load(out, sparse=True)
     ids = random_ids(101, seed=9)
@@ -142,3 +143,25 @@ def test_kernel_path_matches_torch_path(tmp_path):
     torch.testing.assert_close(results["torch"][0], training_logits(model, runtime, ids[:, :-8], "sparse"),
                                atol=1e-4, rtol=1e-4)
     assert results["kernels"][2].kv_bytes() == results["torch"][2].kv_bytes()
+
+
+@pytest.mark.parametrize("retrieval_window,equal", [(200, True), (0, False)])
+def test_retrieval_window_in_the_exported_prefill_and_decode(retrieval_window, equal):
+    """The exported model's retrieval heads keep sink + window + selected blocks in prefill and decode: with
+    both windows covering the sequence the sparse model equals its dense mode, whatever top-k 1 picks."""
+    from .tiny_sparse import remote_model
+
+    model = remote_model(layers=2, window=200, retrieval_window=retrieval_window, top_k=1)
+    ids = random_ids(120, seed=4)
+    logits = {}
+    for sparse in (True, False):
+        model.rtpurbo_options.sparse = sparse
+        cache = model.make_cache()
+        with torch.no_grad():
+            prefill = model(ids[:, :90], past_key_values=cache).logits
+            steps = [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(90, 120)]
+        logits[sparse] = torch.cat([prefill] + steps, dim=1)
+    if equal:
+        torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+    else:
+        assert (logits[True] - logits[False]).abs().max() > 1e-3

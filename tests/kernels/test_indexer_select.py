@@ -125,32 +125,35 @@ def brute_force_masses(qi, ki, block_size, query_stride=1):
 
 
 def brute_force_expected(mass_row, qb, top_p, top_k, sink_blocks, local_blocks):
-    """Expected set for one query block by enumerating every subset of the causal blocks, or None
-    when a subset's mass is within 1e-5 of top_p (fp32 kernels may then decide either way)."""
-    blocks = list(range(qb + 1))
-    w = {kb: float(mass_row[kb]) for kb in blocks}
-    heaviest = sorted(blocks, key=lambda kb: -w[kb])
+    """Expected set for one query block by enumerating every subset of the candidate blocks (causal, not
+    sink or local), or None when a subset's share of the candidates' mass is within 1e-5 of top_p (fp32
+    kernels may then decide either way)."""
+    forced = {kb for kb in range(qb + 1) if kb < sink_blocks or kb > qb - local_blocks}
+    if top_k is None and top_p >= 1.0:
+        return list(range(qb + 1))
+    candidates = [kb for kb in range(qb + 1) if kb not in forced]
+    w = {kb: float(mass_row[kb]) for kb in candidates}
+    total = sum(w.values())
+    heaviest = sorted(candidates, key=lambda kb: -w[kb])
     if top_k is not None:
-        chosen = set(heaviest[:min(top_k, qb + 1)])
-    elif top_p >= 1.0:
-        chosen = set(blocks)
+        chosen = set(heaviest[:top_k])
     else:
-        need = None
-        for size in range(1, qb + 2):
-            sums = [sum(w[kb] for kb in sub) for sub in itertools.combinations(blocks, size)]
-            if any(abs(x - top_p) < 1e-5 for x in sums):
+        need = 0
+        for size in range(1, len(candidates) + 1):
+            shares = [sum(w[kb] for kb in sub) / total for sub in itertools.combinations(candidates, size)]
+            if any(abs(x - top_p) < 1e-5 for x in shares):
                 return None
-            if max(sums) >= top_p:
+            if max(shares) >= top_p:
                 need = size
                 break
         chosen = set(heaviest[:need])
-    forced = set(range(sink_blocks)) | set(range(qb - local_blocks + 1, qb + 1))
-    return sorted(x for x in chosen | forced if 0 <= x <= qb)
+    return sorted(chosen | forced)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("top_p,top_k,sink,local", [(0.5, None, 1, 1), (0.9, None, 2, 2), (0.3, None, 0, 1),
-                                                     (0.9, 3, 1, 1), (1.0, None, 0, 0)])
+                                                     (0.9, 3, 1, 1), (1.0, None, 0, 0), (0.9, None, 1, 3),
+                                                     (0.6, 2, 1, 3)])
 def test_selection_matches_brute_force_subset_enumeration(backend, top_p, top_k, sink, local):
     # bs = 16 keeps the shapes tiny: 6 query blocks, at most 2^6 subsets per row.
     B, T, Hkv, G, bs = 2, 90, 2, 3, 16

@@ -32,9 +32,10 @@ def position_sets(B, C, bs, seed):
     return sets
 
 
-def assert_same_choice(got, ref, mass, pos, *, block_size, top_p, exact):
-    """Equal chosen sets, except (top-p only) blocks whose rank in the reference order has a mass before it
-    within 1e-5 of top_p: there the two float summation orders may round either way."""
+def assert_same_choice(got, ref, mass, pos, *, block_size, top_p, exact, sink=1, local=2):
+    """Equal chosen sets, except (top-p only) blocks whose rank among the candidates (causal blocks that are
+    not sink or local) has a candidate mass before it within 1e-5 of top_p x the candidates' total: there
+    the two float summation orders may round either way."""
     differ = got != ref
     if not differ.any():
         return
@@ -43,13 +44,15 @@ def assert_same_choice(got, ref, mass, pos, *, block_size, top_p, exact):
     kb = torch.arange(nkb)
     for b, h in {(b, h) for b, h, _ in differ.nonzero().tolist()}:
         qb = int(pos[b]) // block_size
-        ranked = torch.where(kb <= qb, mass[b, h], float("-inf"))
-        vals, order = torch.sort(ranked, descending=True, stable=True)
-        before = torch.cumsum(torch.where(kb <= qb, vals, 0.0), 0) - vals
+        candidate = (kb <= qb) & (kb >= sink) & (kb <= qb - local)
+        vals, order = torch.sort(torch.where(candidate, mass[b, h], float("-inf")), descending=True, stable=True)
+        vals = torch.where(torch.isfinite(vals), vals, 0.0)
+        before = torch.cumsum(vals, 0) - vals
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(nkb))
         for j in differ[b, h].nonzero().flatten().tolist():
-            gap = abs(float(before[rank[j]]) - top_p)
-            assert gap < 1e-5, f"block {j} of row ({b}, {h}) differs; mass before it is {gap:.2e} from top_p"
+            assert bool(candidate[j]), f"forced or non-causal block {j} of row ({b}, {h}) differs"
+            gap = abs(float(before[rank[j]]) - top_p * float(vals.sum()))
+            assert gap < 1e-5, f"block {j} of row ({b}, {h}) differs; mass before it is {gap:.2e} from the cut"
 
 
 def select_inputs(B, H, G, d, C, bs, pos, seed, S=1, spread=2.0):
@@ -88,6 +91,7 @@ SELECTIONS = [  # top_p, top_k, sink_blocks, local_blocks
     (0.9, None, 0, 1),
     (1.0, None, 1, 2),
     (0.9, 3, 2, 0),
+    (0.5, None, 1, 3),  # a retrieval window of 3 blocks: top-p over the blocks outside it
 ]
 
 
@@ -103,7 +107,7 @@ def test_triton_select_matches_reference(B, H, G, d, C, bs, S, top_p, top_k, sin
         got_chosen, got_carry = decode_block_select(qi, ikeys, pos, carry, backend="triton", **kwargs)
         assert got_chosen.dtype == torch.bool and got_carry.dtype == torch.float32
         torch.testing.assert_close(got_carry, ref_carry, atol=1e-6, rtol=1e-5)
-        assert_same_choice(got_chosen, ref_chosen, mass, pos, block_size=bs, top_p=top_p,
+        assert_same_choice(got_chosen, ref_chosen, mass, pos, block_size=bs, top_p=top_p, sink=sink, local=local,
                            exact=top_k is not None or top_p >= 1.0)
         causal = torch.arange(C // bs)[None, None, :] <= (pos // bs)[:, None, None]
         assert not (got_chosen & ~causal).any()

@@ -78,31 +78,30 @@ def select_blocks(mass: torch.Tensor, q_blocks: torch.Tensor, s: RTPurboSparsity
     """mass float32 [B, H, n, NKB] of query blocks `q_blocks` (absolute; [n], or any shape that broadcasts
     to [B, H, n], e.g. [B, 1, 1] for one decode step per row) -> chosen bool [B, H, n, NKB].
 
-    Entries kb > qb are ignored. The rule of `rtpurbo_kernels.indexer_block_select`: smallest prefix of
-    the causal blocks sorted by mass (descending, stable) whose sum reaches top_p (the heaviest always),
-    or the top_k heaviest; top_p >= 1 keeps every causal block; sink and local blocks are always added.
+    Entries kb > qb are ignored. The rule of `rtpurbo_kernels.indexer_block_select`: the sink blocks and the
+    local blocks (the retrieval window) are forced; top-p keeps the smallest prefix of the other causal
+    blocks sorted by mass (descending, stable) whose sum reaches top_p of their total (the heaviest always),
+    top-k the top_k heaviest of them; top_p >= 1 keeps every causal block.
     """
     nkb = mass.shape[-1]
     kb = torch.arange(nkb, device=mass.device)
     qb = q_blocks[..., None]
     causal = kb <= qb  # [n, NKB] (or [B, 1, 1, NKB])
     if s.top_k is None and s.top_p >= 1.0:
-        chosen = causal.expand(mass.shape)
+        return causal.expand(mass.shape)
+    forced = causal & ((kb < s.sink_blocks) | (kb > qb - s.local_blocks))
+    candidate = causal & ~forced
+    vals, order = torch.sort(torch.where(candidate, mass.float(), float("-inf")), dim=-1, descending=True,
+                             stable=True)
+    in_candidates = kb < candidate.sum(dim=-1, keepdim=True)  # sorted position r holds a candidate
+    if s.top_k is not None:
+        keep = in_candidates & (kb < s.top_k)
     else:
-        ranked = torch.where(causal, mass.float(), float("-inf"))  # broadcasts to mass.shape
-        vals, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
-        in_causal = kb <= qb  # sorted position r holds a causal block iff r <= qb
-        if s.top_k is not None:
-            keep = in_causal & (kb < s.top_k)
-        else:
-            vals = torch.where(in_causal, vals, 0.0)
-            mass_before = torch.cumsum(vals, dim=-1) - vals
-            keep = in_causal & (mass_before < s.top_p)
-            keep[..., 0] = True
-        keep = keep.expand(mass.shape)
-        chosen = torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, keep)
-    forced = (kb < s.sink_blocks) | (kb > qb - s.local_blocks)
-    return (chosen | forced) & causal
+        vals = torch.where(in_candidates, vals, 0.0)
+        mass_before = torch.cumsum(vals, dim=-1) - vals
+        keep = in_candidates & ((mass_before < s.top_p * vals.sum(dim=-1, keepdim=True)) | (kb == 0))
+    kept = torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, keep.expand(mass.shape))
+    return kept | forced
 
 
 def indexer_block_sums(qi: torch.Tensor, ki: torch.Tensor, start: int, scale: float, block_size: int,
