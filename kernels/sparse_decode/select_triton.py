@@ -7,9 +7,10 @@
     per-block (max, sum) histogram: the only pass over the indexer keys, spread over the whole GPU.
 `decode_block_select_kernel` grid (B * H): one program per row combines the NKB (max, sum) pairs into the
     softmax mass per block (summed over the G heads), adds the carry, normalises, writes new_carry, and
-    selects the blocks in registers: a descending tl.sort of int64 keys (mass bits << log2(NKB_P) | the
-    reversed block index, so equal masses rank by lower index like the reference's stable sort), a
-    tl.cumsum for top-p (or the rank for top-k), the threshold key, then sink / local blocks, never kb > qb.
+    selects the blocks in registers: the sink and local (window) blocks are forced; a descending tl.sort of
+    int64 keys of the other causal blocks (mass bits << log2(NKB_P) | the reversed block index, so equal
+    masses rank by lower index like the reference's stable sort), a tl.cumsum against top_p x their total
+    mass (or the rank for top-k), the threshold key, then the forced blocks; never kb > qb.
 
 Every launch grid and constexpr depends on shapes only (B, H, G, d, C, block_size); positions, carry and
 the selection live on the device, so a decode step can be captured in a CUDA graph.

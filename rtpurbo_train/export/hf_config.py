@@ -3,7 +3,8 @@
 - `rtpurbo`: the sparsity plan and the selection constants the training-time attention used
   (read back by remote_code/configuration_rtpurbo.py).
 - `headwise_config`: RTP-LLM's per-query-head flags (`"0": [0/1 per query head], ...`) and
-  `sink_token_num` / `swa_token_num` / `seqlen_threshold`.
+  `sink_token_num` / `swa_token_num` / `seqlen_threshold` (it has no field for the window the retrieval
+  heads keep: `rtpurbo.local_blocks` and `rtpurbo.plan.retrieval_window` carry it).
 - `auto_map` for `AutoModelForCausalLM` ONLY. `model_type` and `architectures` stay the base model's, and
   there is no `AutoConfig` entry, so `AutoConfig` always returns the base config class: without
   `trust_remote_code` every loader (transformers, vLLM, SGLang) sees the plain base model; with it,
