@@ -11,6 +11,7 @@ import torch
 
 from .. import distributed as dist
 from ..plan import SparsityPlan
+from .intervals import paired_ratio_interval, wilson_interval
 from .kv_cache import kv_cache_bytes
 from .needle_prompts import build_needle_prompts
 from .passes import SCORING, measure_perplexity, perplexity_documents, prefill_times, score_needles
@@ -143,25 +144,33 @@ def _mean(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
+def _accuracies(records: list[dict]) -> dict:
+    """Dense and sparse accuracy of `records` with 95% intervals (Wilson each; paired bootstrap for the ratio)."""
+    dense, sparse = [bool(r["dense"]) for r in records], [bool(r["sparse"]) for r in records]
+    d, s = _mean(dense), _mean(sparse)
+    return {"dense": d, "sparse": s, "prompts": len(records),
+            "sparse_over_dense": s / d if d > 0 else float("nan"),
+            "dense_ci": list(wilson_interval(sum(dense), len(dense))),
+            "sparse_ci": list(wilson_interval(sum(sparse), len(sparse))),
+            "ratio_ci": list(paired_ratio_interval(dense, sparse))}
+
+
 def needle_summary(records: list[dict], lengths: list[int], depths: list[float], scoring: str) -> dict:
-    """Accuracy per (depth, length) cell, per length, per task and overall, dense and sparse.
+    """Accuracy per (depth, length) cell, per length, per depth, per task and overall, dense and sparse, with
+    95% confidence intervals (intervals.py).
 
     grid[mode][r][c] is the accuracy at depths[r], lengths[c] (NaN for an empty cell)."""
     def cell(mode, length, depth):
         return _mean([r[mode] for r in records if r["length"] == length and r["depth"] == depth])
 
     grid = {mode: [[cell(mode, n, d) for n in lengths] for d in depths] for mode in ("dense", "sparse")}
-    by_length = {str(n): {"dense": _mean([r["dense"] for r in records if r["length"] == n]),
-                          "sparse": _mean([r["sparse"] for r in records if r["length"] == n]),
-                          "prompts": sum(r["length"] == n for r in records)} for n in lengths}
+    by_length = {str(n): _accuracies([r for r in records if r["length"] == n]) for n in lengths}
+    by_depth = {f"{d:g}": _accuracies([r for r in records if r["depth"] == d]) for d in depths}
     tasks = sorted({r["task"] for r in records})
-    by_task = {t: {"dense": _mean([r["dense"] for r in records if r["task"] == t]),
-                   "sparse": _mean([r["sparse"] for r in records if r["task"] == t]),
-                   "prompts": sum(r["task"] == t for r in records)} for t in tasks}
-    dense, sparse = _mean([r["dense"] for r in records]), _mean([r["sparse"] for r in records])
-    return {"scoring": scoring, "prompts_scored": len(records), "dense": dense, "sparse": sparse,
-            "sparse_over_dense": sparse / dense if dense > 0 else float("nan"), "grid": grid,
-            "by_length": by_length, "by_task": by_task, "prompts": records}
+    by_task = {t: _accuracies([r for r in records if r["task"] == t]) for t in tasks}
+    overall = _accuracies(records)
+    return {"scoring": scoring, "prompts_scored": len(records), **{k: v for k, v in overall.items() if k != "prompts"},
+            "grid": grid, "by_length": by_length, "by_depth": by_depth, "by_task": by_task, "prompts": records}
 
 
 def scalar_metrics(results: dict) -> dict[str, float]:

@@ -22,19 +22,34 @@ def _num(x: float, fmt: str = ".3f") -> str:
 def _needle_section(needle: dict, lengths: list[int], depths: list[float], haystack: str) -> list[str]:
     lines = ["## Needle accuracy (greedy exact match)", "", f"Haystack: {haystack}.", "",
              f"Overall: dense {_pct(needle['dense'])}, sparse {_pct(needle['sparse'])} "
-             f"(sparse / dense = {_num(needle['sparse_over_dense'])}); {needle['prompts_scored']} prompts, "
+             f"(sparse / dense = {_interval(needle['sparse_over_dense'], needle.get('ratio_ci'), lambda x: _num(x, '.2f'))}, "
+             f"95% CI); {needle['prompts_scored']} prompts, "
              f"scored by {needle['scoring'].replace('_', ' ')}.", ""]
     for mode in ("dense", "sparse"):
         grid = needle["grid"][mode]
         lines += [f"**{mode}** (rows: needle depth, columns: context length in tokens)", ""]
         lines += _table(["depth"] + [str(n) for n in lengths],
                         [[f"{d:g}"] + [_pct(v) for v in grid[r]] for r, d in enumerate(depths)])
-    rows = [[str(n), _pct(v["dense"]), _pct(v["sparse"]), str(v["prompts"])] for n, v in needle["by_length"].items()]
-    lines += ["Per length:", ""] + _table(["length", "dense", "sparse", "prompts"], rows)
-    if len(needle["by_task"]) > 1:
-        rows = [[t, _pct(v["dense"]), _pct(v["sparse"]), str(v["prompts"])] for t, v in needle["by_task"].items()]
-        lines += ["Per task:", ""] + _table(["task", "dense", "sparse", "prompts"], rows)
+    header = ["dense (95% CI)", "sparse (95% CI)", "sparse / dense (95% CI)", "prompts"]
+    lines += ["Per length, per depth and per task, with 95% confidence intervals (Wilson for an accuracy, a "
+              "paired bootstrap over prompts for the ratio):", ""]
+    for title, rows in (("length", needle["by_length"]), ("depth", needle.get("by_depth", {})),
+                        ("task", needle["by_task"])):
+        if rows and (title != "task" or len(rows) > 1):
+            lines += _table([title] + header, [[key] + _accuracy_cells(v) for key, v in rows.items()])
     return lines
+
+
+def _interval(value: float, ci, fmt) -> str:
+    if ci is None or any(isinstance(x, float) and math.isnan(x) for x in ci):
+        return fmt(value)
+    return f"{fmt(value)} ({fmt(ci[0])}-{fmt(ci[1])})"
+
+
+def _accuracy_cells(v: dict) -> list[str]:
+    ratio = lambda x: _num(x, ".2f")  # noqa: E731
+    return [_interval(v["dense"], v.get("dense_ci"), _pct), _interval(v["sparse"], v.get("sparse_ci"), _pct),
+            _interval(v.get("sparse_over_dense", float("nan")), v.get("ratio_ci"), ratio), str(v["prompts"])]
 
 
 def _perplexity_section(ppl: dict, text: str) -> list[str]:

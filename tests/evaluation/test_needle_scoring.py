@@ -49,12 +49,19 @@ def test_accuracy_grid_matches_known_model(scoring):
         r, c = [0.25, 0.75].index(d), [100, 200].index(n)
         assert summary["grid"]["dense"][r][c] == dense, (n, d)
         assert summary["grid"]["sparse"][r][c] == sparse, (n, d)
-    assert summary["by_length"]["100"] == {"dense": 7 / 8, "sparse": 6 / 8, "prompts": 8}
-    assert summary["by_length"]["200"] == {"dense": 3 / 8, "sparse": 1 / 8, "prompts": 8}
+    def counts(row):
+        return {k: row[k] for k in ("dense", "sparse", "prompts")}
+
+    assert counts(summary["by_length"]["100"]) == {"dense": 7 / 8, "sparse": 6 / 8, "prompts": 8}
+    assert counts(summary["by_length"]["200"]) == {"dense": 3 / 8, "sparse": 1 / 8, "prompts": 8}
+    assert summary["by_length"]["100"]["sparse_over_dense"] == pytest.approx(6 / 7)
+    assert sum(row["prompts"] for row in summary["by_depth"].values()) == 16
     assert summary["dense"] == 10 / 16 and summary["sparse"] == 7 / 16
     assert summary["sparse_over_dense"] == pytest.approx(0.7)
-    assert summary["by_task"]["sparse_miss"] == {"dense": 1.0, "sparse": 0.0, "prompts": 2}
-    assert summary["by_task"]["last_blind"] == {"dense": 1.0, "sparse": 1.0, "prompts": 2}
+    low, high = summary["ratio_ci"]
+    assert low <= 0.7 <= high and low < high
+    assert counts(summary["by_task"]["sparse_miss"]) == {"dense": 1.0, "sparse": 0.0, "prompts": 2}
+    assert counts(summary["by_task"]["last_blind"]) == {"dense": 1.0, "sparse": 1.0, "prompts": 2}
 
     # sparse forwards were measured; metrics are averaged per length over its prompts
     for n in (100, 200):
