@@ -6,7 +6,7 @@ import torch
 
 from ..backend import resolve_backend
 from .naive import block_mass_reference, indexer_block_select_reference
-from .select import block_index_from_mask, mask_from_block_index, select_blocks_from_mass
+from .select import block_index_from_mask, mask_from_block_index, select_blocks_from_mass, selection_width
 
 __all__ = ["indexer_block_select", "indexer_block_select_reference", "block_mass_reference",
            "select_blocks_from_mass", "block_index_from_mask", "mask_from_block_index"]
@@ -59,10 +59,16 @@ def indexer_block_select(qi, ki, *, top_p=0.9, top_k=None, block_size=64, sink_b
         raise ValueError("sink_blocks and local_blocks must be >= 0")
     query_stride = check_query_stride(query_stride, block_size)
     backend = resolve_backend(backend, qi.device)
+    rule = dict(top_p=top_p, top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
     if backend == "reference":
         mass = block_mass_reference(qi, ki, block_size=block_size, scale=scale, query_stride=query_stride)
-    else:
-        from .block_mass_triton import block_mass_triton  # triton is optional on CPU machines
-        mass = block_mass_triton(qi, ki, block_size=block_size, scale=scale, query_stride=query_stride)
-    return select_blocks_from_mass(mass, top_p=top_p, top_k=top_k, sink_blocks=sink_blocks,
-                                   local_blocks=local_blocks)
+        return select_blocks_from_mass(mass, **rule)
+    from .block_mass_triton import block_mass_triton  # triton is optional on CPU machines
+    from .select_triton import MAX_ROW_BLOCKS, select_blocks_triton
+
+    mass = block_mass_triton(qi, ki, block_size=block_size, scale=scale, query_stride=query_stride)
+    nqb = mass.shape[-1]
+    width = selection_width(nqb, top_k, sink_blocks, local_blocks)
+    if width is None or nqb > MAX_ROW_BLOCKS:  # rows too long for registers: the torch selection
+        return select_blocks_from_mass(mass, **rule)
+    return select_blocks_triton(mass, width=width, **rule)

@@ -50,8 +50,12 @@ def select_blocks_from_mass(mass, *, top_p=0.9, top_k=None, sink_blocks=1, local
     `choose_blocks` for every query block qb.
     """
     nqb = mass.shape[-1]
-    selected = choose_blocks(mass, torch.arange(nqb, device=mass.device), top_p=top_p, top_k=top_k, sink_blocks=sink_blocks,
-                             local_blocks=local_blocks)
-    # MAXB known without reading the data (no device sync): top-k bounds it, else the causal range
-    width = min(nqb, int(top_k) + sink_blocks + local_blocks) if top_k is not None else sync_free_width(nqb)
-    return block_index_from_mask(selected, width=width)
+    selected = choose_blocks(mass, torch.arange(nqb, device=mass.device), top_p=top_p, top_k=top_k,
+                             sink_blocks=sink_blocks, local_blocks=local_blocks)
+    return block_index_from_mask(selected, width=selection_width(nqb, top_k, sink_blocks, local_blocks))
+
+
+def selection_width(nqb, top_k, sink_blocks, local_blocks):
+    """MAXB known without reading the data (no device sync): top-k bounds the count, else the causal range
+    (None past layout.MAX_STATIC_WIDTH blocks: the exact width, one sync)."""
+    return min(nqb, int(top_k) + sink_blocks + local_blocks) if top_k is not None else sync_free_width(nqb)

@@ -7,10 +7,9 @@
     per-block (max, sum) histogram: the only pass over the indexer keys, spread over the whole GPU.
 `decode_block_select_kernel` grid (B * H): one program per row combines the NKB (max, sum) pairs into the
     softmax mass per block (summed over the G heads), adds the carry, normalises, writes new_carry, and
-    selects the blocks in registers: the sink and local (window) blocks are forced; a descending tl.sort of
-    int64 keys of the other causal blocks (mass bits << log2(NKB_P) | the reversed block index, so equal
-    masses rank by lower index like the reference's stable sort), a tl.cumsum against top_p x their total
-    mass (or the rank for top-k), the threshold key, then the forced blocks; never kb > qb.
+    selects the blocks in registers with `indexer_select.select_triton.choose_in_registers` (the prefill
+    selection's rule: sink and local (window) blocks forced, a descending tl.sort of the other causal blocks'
+    keys, a tl.cumsum against top_p x their total mass or the rank for top-k, the threshold key); never kb > qb.
 
 Every launch grid and constexpr depends on shapes only (B, H, G, d, C, block_size); positions, carry and
 the selection live on the device, so a decode step can be captured in a CUDA graph.
@@ -20,6 +19,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from ..indexer_select.select_triton import choose_in_registers, select_warps, selection_mode
 
 LOG2E = 1.4426950408889634
 # The selection keeps a whole row of block masses in registers (and sorts it): NKB_P = next power of two of
@@ -138,21 +139,7 @@ def decode_block_select_kernel(
     if MODE == 0:
         chosen = causal
     else:
-        # top-p / top-k over the candidates (causal, not forced), the mass renormalised over them
-        candidate = causal & (~forced)
-        bits = mass.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(candidate, (bits << LOG_NKB_P) | (NKB_P - 1 - kb).to(tl.int64), -1)
-        ranked = tl.sort(key, descending=True)
-        in_candidates = kb < tl.sum(candidate.to(tl.int32), 0)  # sorted position r holds a candidate
-        if MODE == 1:
-            vals = (ranked >> LOG_NKB_P).to(tl.int32).to(tl.float32, bitcast=True)
-            vals = tl.where(in_candidates, vals, 0.0)
-            before = tl.cumsum(vals, 0) - vals  # candidate mass ahead of sorted position r
-            keep = in_candidates & ((before < top_p * tl.sum(vals, 0)) | (kb == 0))
-        else:
-            keep = in_candidates & (kb < top_k)
-        threshold = tl.min(tl.where(keep, ranked, 0x7FFFFFFFFFFFFFFF), 0)
-        chosen = (candidate & (key >= threshold)) | forced
+        chosen = choose_in_registers(mass, causal, forced, kb, top_p, top_k, NKB_P, LOG_NKB_P, MODE)
     tl.store(CHOSEN + row_out, chosen.to(tl.uint8), mask=kb < NKB)
 
 
@@ -198,16 +185,11 @@ def decode_block_select_triton(qi, ikeys, pos, carry, *, block_size, top_p=0.9, 
         carry = carry.float().contiguous()
     pos = pos.contiguous()
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if top_k is not None:
-        mode, top_k, top_p = 2, int(top_k), 0.0
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (got {top_k})")
-    elif top_p >= 1.0:
-        mode, top_k, top_p = 0, 0, 1.0
-    else:
-        if not top_p > 0.0:
-            raise ValueError(f"top_p must be > 0 (got {top_p})")
-        mode, top_k, top_p = 1, 0, float(top_p)
+    if top_k is not None and int(top_k) < 1:
+        raise ValueError(f"top_k must be >= 1 (got {top_k})")
+    if top_k is None and not top_p > 0.0:
+        raise ValueError(f"top_p must be > 0 (got {top_p})")
+    mode, top_p, top_k = selection_mode(top_p, top_k)
 
     dev = qi.device
     rows = max(16, triton.next_power_of_2(G))
@@ -233,8 +215,3 @@ def decode_block_select_triton(qi, ikeys, pos, carry, *, block_size, top_p=0.9, 
         num_warps=select_warps(nkb_p),
     )
     return chosen, new_carry
-
-
-def select_warps(nkb_p: int) -> int:
-    """Warps of the select kernel: the sorted int64 row is spread so each thread holds <= 16 keys."""
-    return max(4, min(16, nkb_p // 512))

@@ -11,9 +11,13 @@ from rtpurbo_kernels.indexer_select import (
     block_mass_reference,
     indexer_block_select,
     mask_from_block_index,
+    select_blocks_from_mass,
 )
 from rtpurbo_kernels.indexer_select import naive as select_naive
 from rtpurbo_kernels.indexer_select.block_mass_triton import block_mass_triton
+from rtpurbo_kernels.indexer_select import select_triton
+from rtpurbo_kernels.indexer_select.select_triton import select_blocks_triton
+from selection_checks import assert_same_choice  # tests/kernels/ is on sys.path (pytest prepend mode)
 
 
 def random_indexer(B, T, Hkv, G, d, dtype=torch.float32, seed=0, spread=2.0):
@@ -69,16 +73,6 @@ def test_triton_masses_match_reference_and_fill_every_causal_entry(B, T, Hkv, G,
     torch.testing.assert_close(ref.sum(-1), torch.ones_like(ref.sum(-1)), atol=1e-5, rtol=0)
 
 
-def assert_same_selection(idx_a, cnt_a, idx_b, cnt_b, mass, top_p):
-    """Identical sets, except rows where the two fp32 mass sums straddle top_p within 1e-6."""
-    ma, mb = dense_mask(idx_a, cnt_a), dense_mask(idx_b, cnt_b)
-    differ = (ma != mb).any(-1)
-    for b, h, qb in differ.nonzero().tolist():
-        sum_a = mass[b, h, qb][ma[b, h, qb]].sum()
-        sum_b = mass[b, h, qb][mb[b, h, qb]].sum()
-        assert abs(float(sum_a - sum_b)) < 1e-5 and abs(float(sum_a) - top_p) < 1e-5, (b, h, qb)
-
-
 @pytest.mark.parametrize("mode", ["top_p", "top_k", "all"])
 @pytest.mark.parametrize("B,T,Hkv,G", [(1, 330, 2, 3), (2, 200, 1, 8)])
 def test_triton_selection_matches_reference(mode, B, T, Hkv, G):
@@ -90,7 +84,8 @@ def test_triton_selection_matches_reference(mode, B, T, Hkv, G):
     check_layout(*ref)
     check_layout(*tri)
     mass = block_mass_reference(qi, ki, block_size=64)
-    assert_same_selection(*ref, *tri, mass, kw.get("top_p", 2.0))
+    assert_same_choice(dense_mask(*tri), dense_mask(*ref), mass, torch.arange(mass.shape[-1]), top_p=kw["top_p"]
+                       if "top_p" in kw else 1.0, sink=1, local=1, exact=mode != "top_p")
     if mode == "all":
         nqb = mass.shape[-1]
         assert torch.equal(ref[1], torch.arange(1, nqb + 1, dtype=torch.int32).expand(B, Hkv, nqb))
@@ -214,7 +209,8 @@ def test_strided_selection_agrees_across_backends_and_with_brute_force(B, T, Hkv
     check_layout(*ref)
     check_layout(*tri)
     mass = brute_force_masses(qi, ki, 64, query_stride=S)
-    assert_same_selection(*ref, *tri, mass.float(), 0.8)
+    assert_same_choice(dense_mask(*tri), dense_mask(*ref), mass.float(), torch.arange(mass.shape[-1]), top_p=0.8,
+                       sink=1, local=1, exact=False)
     for b, h, qb in itertools.product(range(B), range(Hkv), range(mass.shape[-1])):
         expected = brute_force_expected(mass[b, h, qb], qb, 0.8, None, 1, 1)
         if expected is not None:
@@ -278,3 +274,37 @@ def test_selection_from_masses_queues_without_host_sync(top_p, top_k, forbid_hos
     exact_idx, exact_cnt = block_index_from_mask(mask_from_block_index(idx, cnt, 9))  # width = widest row
     assert torch.equal(cnt, exact_cnt) and torch.equal(idx[..., :exact_idx.shape[-1]], exact_idx)
     assert (idx[..., exact_idx.shape[-1]:] == -1).all()
+
+
+ROW_RULES = [  # top_p, top_k, sink_blocks, local_blocks
+    (0.9, None, 1, 2), (0.5, None, 0, 1), (0.8, None, 1, 9), (0.9, 3, 1, 2), (0.7, 1, 2, 5), (1.0, None, 1, 2),
+]
+
+
+@pytest.mark.parametrize("top_p,top_k,sink,local", ROW_RULES)
+@pytest.mark.parametrize("B,H,nqb", [(1, 1, 1), (2, 1, 21), (1, 1, 33)])
+def test_fused_row_selection_matches_the_torch_selection(monkeypatch, top_p, top_k, sink, local, B, H, nqb):
+    # The Triton rows (interpreter) against select_blocks_from_mass on random row-normalised masses: same
+    # indices and counts (the layout: ascending, -1 padded, the same sync-free width), outputs poisoned first.
+    monkeypatch.setattr(select_triton, "POISON_OUTPUTS", True)
+    gen = torch.Generator().manual_seed(nqb * 7 + local)
+    mass = torch.rand(B, H, nqb, nqb, generator=gen) ** 4  # peaked rows
+    mass = torch.where(torch.rand(mass.shape, generator=gen) < 0.1, 0.0, mass)  # exact zeros tie
+    mass[..., 0, 0] = 0.0
+    mass = mass.tril() / mass.tril().sum(-1, keepdim=True).clamp_min(1e-30)
+    mass = mass + torch.triu(torch.full_like(mass, float("nan")), diagonal=1)  # kb > qb is never read
+    rule = dict(top_p=top_p, top_k=top_k, sink_blocks=sink, local_blocks=local)
+    ref_idx, ref_cnt = select_blocks_from_mass(mass, **rule)
+    idx, cnt = select_blocks_triton(mass, width=ref_idx.shape[-1], **rule)
+    assert idx.shape == ref_idx.shape and cnt.dtype == torch.int32 and idx.dtype == torch.int32
+    check_layout(idx, cnt)
+    assert_same_choice(dense_mask(idx, cnt), dense_mask(ref_idx, ref_cnt), mass, torch.arange(nqb), top_p=top_p,
+                       sink=sink, local=local, exact=top_k is not None or top_p >= 1.0)
+
+
+def test_fused_row_selection_breaks_ties_by_lower_block_index():
+    mass = torch.zeros(1, 1, 8, 8)
+    mass[0, 0, 7] = torch.tensor([0.0, 0.25, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0])
+    for rule in (dict(top_k=2), dict(top_p=0.4)):
+        idx, cnt = select_blocks_triton(mass, width=8, sink_blocks=0, local_blocks=1, **rule)
+        assert idx[0, 0, 7, :cnt[0, 0, 7]].tolist() == [1, 2, 7], rule

@@ -8,6 +8,8 @@ from rtpurbo_kernels.sparse_decode import (decode_attention, decode_attention_re
                                            decode_block_select, decode_block_select_reference)
 from rtpurbo_kernels.sparse_decode import attention_triton, select_triton
 
+from selection_checks import assert_same_choice  # tests/kernels/ is on sys.path (pytest prepend mode)
+
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
@@ -30,29 +32,6 @@ def position_sets(B, C, bs, seed):
         row = [special[(start + i) % len(special)] for i in range(B)]
         sets.append(torch.tensor(row, dtype=torch.int64))
     return sets
-
-
-def assert_same_choice(got, ref, mass, pos, *, block_size, top_p, exact, sink=1, local=2):
-    """Equal chosen sets, except (top-p only) blocks whose rank among the candidates (causal blocks that are
-    not sink or local) has a candidate mass before it within 1e-5 of top_p x the candidates' total: there
-    the two float summation orders may round either way."""
-    differ = got != ref
-    if not differ.any():
-        return
-    assert not exact, f"chosen sets differ at {differ.nonzero().tolist()[:8]}"
-    B, H, nkb = mass.shape
-    kb = torch.arange(nkb)
-    for b, h in {(b, h) for b, h, _ in differ.nonzero().tolist()}:
-        qb = int(pos[b]) // block_size
-        candidate = (kb <= qb) & (kb >= sink) & (kb <= qb - local)
-        vals, order = torch.sort(torch.where(candidate, mass[b, h], float("-inf")), descending=True, stable=True)
-        vals = torch.where(torch.isfinite(vals), vals, 0.0)
-        before = torch.cumsum(vals, 0) - vals
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(nkb))
-        for j in differ[b, h].nonzero().flatten().tolist():
-            assert bool(candidate[j]), f"forced or non-causal block {j} of row ({b}, {h}) differs"
-            gap = abs(float(before[rank[j]]) - top_p * float(vals.sum()))
-            assert gap < 1e-5, f"block {j} of row ({b}, {h}) differs; mass before it is {gap:.2e} from the cut"
 
 
 def select_inputs(B, H, G, d, C, bs, pos, seed, S=1, spread=2.0):
@@ -107,7 +86,7 @@ def test_triton_select_matches_reference(B, H, G, d, C, bs, S, top_p, top_k, sin
         got_chosen, got_carry = decode_block_select(qi, ikeys, pos, carry, backend="triton", **kwargs)
         assert got_chosen.dtype == torch.bool and got_carry.dtype == torch.float32
         torch.testing.assert_close(got_carry, ref_carry, atol=1e-6, rtol=1e-5)
-        assert_same_choice(got_chosen, ref_chosen, mass, pos, block_size=bs, top_p=top_p, sink=sink, local=local,
+        assert_same_choice(got_chosen, ref_chosen, mass, (pos // bs).view(B, 1), top_p=top_p, sink=sink, local=local,
                            exact=top_k is not None or top_p >= 1.0)
         causal = torch.arange(C // bs)[None, None, :] <= (pos // bs)[:, None, None]
         assert not (got_chosen & ~causal).any()
@@ -177,7 +156,7 @@ def test_decode_mass_matches_whole_sequence_oracle(T, bs, S):
     block_idx, block_cnt = select_blocks_from_mass(oracle, top_p=top_p)
     expected = torch.zeros_like(chosen)
     expected[..., :nqb] = mask_from_block_index(block_idx, block_cnt, nqb)[:, :, qb]
-    assert_same_choice(chosen, expected, mass, pos, block_size=bs, top_p=top_p, exact=False)
+    assert_same_choice(chosen, expected, mass, (pos // bs).view(-1, 1), top_p=top_p, sink=1, local=2, exact=False)
 
 
 def attention_inputs(B, H, G, D, C, bs, lengths, block_mask, dtype, seed):
