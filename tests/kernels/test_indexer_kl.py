@@ -41,7 +41,10 @@ def loss_and_grads(q, k, qi, ki, **kw):
 
 
 def selection(qi, ki, bs=64, top_p=0.6):
-    return indexer_block_select(qi.detach(), ki.detach(), top_p=top_p, block_size=bs, backend="reference")
+    # local_blocks=1 (the query's own block only): top-p chooses among every earlier block but the sink, so
+    # even a 4-block sequence drops some
+    return indexer_block_select(qi.detach(), ki.detach(), top_p=top_p, block_size=bs, local_blocks=1,
+                                backend="reference")
 
 
 def sampled_rows_mask(T, bs, stride):
