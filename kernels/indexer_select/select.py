@@ -1,7 +1,6 @@
-"""Top-p / top-k block selection from block masses (torch ops, shared by both backends).
-
-The heavy part (the masses) comes from `naive.block_mass_reference` or the Triton kernel; this step
-works on the small [B, Hkv, NQB, NQB] mass tensor with sort + cumsum, on the tensor's device.
+"""Top-p / top-k block selection from block masses in torch: `choose_blocks`, the rule itself (the reference
+backend, the decode reference, and rows longer than the Triton selection of select_triton.py takes), and
+`select_blocks_from_mass`, the rule for every query block in the index layout.
 """
 import torch
 
@@ -10,8 +9,8 @@ from ..layout import block_index_from_mask, mask_from_block_index, sync_free_wid
 
 def choose_blocks(mass, q_blocks, *, top_p=0.9, top_k=None, sink_blocks=1, local_blocks=2):
     """The selection rule. mass float32 [..., NKB] of the query blocks `q_blocks` (absolute indices; any
-    shape that broadcasts to mass.shape[:-1], e.g. [NQB, 1] for a whole sequence or [B, 1] for one decode
-    step per row; entries kb > qb are ignored) -> chosen bool [..., NKB].
+    shape that broadcasts to mass.shape[:-1], e.g. arange(NQB) for a sequence's [B, H, NQB, NKB] or [B, 1]
+    for one decode step per row of [B, H, NKB]; entries kb > qb are ignored) -> chosen bool [..., NKB].
 
     forced     = the sink blocks kb < sink_blocks and the local blocks kb > qb - local_blocks (the window of
                  a retrieval head), clipped to [0, qb];
