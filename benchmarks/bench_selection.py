@@ -8,7 +8,8 @@ sink 4). The attention is timed on the layer's merged block index: streaming row
 2 retrieval heads the sink + local blocks plus random causal blocks up to `--density` (10%) of the causal
 blocks, the density the kernel benchmarks use (random indexer inputs select near-dense and would flatter
 the ratio). Rows:
-- selection: `indexer_block_select` with query stride 1 (the exact token-level oracle) and 4 / 8 / 16;
+- selection: `indexer_block_select` with query stride 1 (the exact token-level oracle) and 4 / 8 / 16, and
+  its top-p step alone on the stride-8 masses, torch rule vs the one-launch Triton rows (same run);
 - indexer KL forward+backward: all causal blocks or the selected ones, every query block or every S-th;
 - attention: the block-sparse kernel forward and forward+backward, and dense SDPA, on the same inputs;
 - the issue-14 ratios: selection (stride 8) + KL (fwd+bwd, the sparse stage's cheapest exact-enough
@@ -63,6 +64,11 @@ def retrieval_blocks(T: int, density: float, seed=1):
     return block_index_from_mask(mask, width=sync_free_width(nqb))
 
 
+def mask_rows(block_idx, block_cnt):
+    from rtpurbo_kernels.indexer_select import mask_from_block_index
+    return mask_from_block_index(block_idx, block_cnt, block_idx.shape[2])
+
+
 def check() -> list[str]:
     """Strided selection masses and strided KL (loss, grads) against the PyTorch references."""
     import rtpurbo_kernels as rk
@@ -81,6 +87,15 @@ def check() -> list[str]:
             nan = bool(got[..., causal].isnan().any())
             lines.append(f"- selection masses T={T} {str(dtype)[6:]} S={S}: max abs err {err:.2e}, NaN {nan} -> "
                          f"{'OK' if err < 1e-5 and not nan else 'FAIL'}")
+        from rtpurbo_kernels.indexer_select import select_blocks_from_mass, selection_width
+        from rtpurbo_kernels.indexer_select.select_triton import select_blocks_triton
+        mass = block_mass_triton(qi, ki, query_stride=8)
+        want = select_blocks_from_mass(mass, top_p=0.9)
+        got = select_blocks_triton(mass, top_p=0.9, width=selection_width(mass.shape[-1], None, 1, 2))
+        same = torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        rows = (mask_rows(*got) != mask_rows(*want)).any(-1).float().mean().item()
+        lines.append(f"- top-p step T={T} {str(dtype)[6:]}: Triton rows vs torch rule identical {same}, rows that "
+                     f"differ {rows:.1e} (only candidates at the top-p cut may) -> {'OK' if rows < 1e-2 else 'FAIL'}")
         q = torch.randn(1, T, 8, D, device=dev, generator=gen).to(dtype)
         k = torch.randn(1, T, 2, D, device=dev, generator=gen).to(dtype)
         for S in (1, 8):
@@ -104,6 +119,15 @@ def measure(T: int, density: float) -> dict:
     r = {}
     for S in (1, 4, 8, 16):
         r[f"select S={S}"] = bench(lambda: rk.indexer_block_select(qi, ki, top_p=0.9, query_stride=S))
+    # The top-p step alone on the stride-8 masses, the two ways in the same run: the torch rule (what every
+    # selection ran before select_rows_kernel) and the one-launch Triton rows (what `select S=` runs now).
+    from rtpurbo_kernels.indexer_select import select_blocks_from_mass, selection_width
+    from rtpurbo_kernels.indexer_select.block_mass_triton import block_mass_triton
+    from rtpurbo_kernels.indexer_select.select_triton import select_blocks_triton
+    mass = block_mass_triton(qi, ki, query_stride=8)
+    width = selection_width(mass.shape[-1], None, 1, 2)
+    r["top-p step, torch"] = bench(lambda: select_blocks_from_mass(mass, top_p=0.9))
+    r["top-p step, Triton rows"] = bench(lambda: select_blocks_triton(mass, top_p=0.9, width=width))
     sel = retrieval_blocks(T, density)
     q_ret, k_ret = q[:, :, : RET_KV * G], k[:, :, :RET_KV]
     kl_stride = max(1, T // 8192)  # the recipes' `kl_query_block_stride: auto`
