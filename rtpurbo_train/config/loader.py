@@ -8,10 +8,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
+from ..paths import REPO_ROOT
 from .recipe import Recipe
 from .stages import STAGE_TYPES
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = REPO_ROOT / "recipes"
 
 
 def recipe_path(name: str) -> Path:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..cache import exclusive_lock
+from ..paths import REPO_ROOT
 from .collections import COLLECTIONS
 from .fetch import CorpusError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PUBLIC_CORPUS_DIR = REPO_ROOT / "data" / "public"
 BUILD_VERSION = 1
 MANIFEST = "MANIFEST.json"

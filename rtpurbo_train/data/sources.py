@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..errors import UserError
+from ..paths import REPO_ROOT
 from .config import SourceConfig
 from .records import SkipCounter, clean_text
 
@@ -68,8 +69,6 @@ class ResolvedSource:
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:32]
 
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _missing(raw: str, what: str) -> UserError:

@@ -9,9 +9,8 @@ import deepspeed
 import torch
 
 from ..errors import UserError
+from ..paths import REPO_ROOT
 from .schedule import warmup_cosine
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_ds_config(path: str) -> dict:
