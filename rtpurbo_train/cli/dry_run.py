@@ -41,9 +41,8 @@ def dry_run(recipe) -> None:
     ds = load_ds_config(recipe.deepspeed.config)
     zero = int(ds.get("zero_optimization", {}).get("stage", 0))
     offload = bool(ds.get("zero_optimization", {}).get("offload_optimizer"))
-    from ..data import check_sources
-    if any(s.type in ("indexer_warmup", "sparse_train", "evaluate") for s in recipe.stages):
-        check_sources(recipe.data)  # a missing data path is the same error here as in a launch
+    from ..pipeline.run import check_data_sources
+    check_data_sources(recipe)
     print(dump_recipe(recipe))
     print(f"world size {world}: data parallel {world // sp} x sequence parallel {sp}; ZeRO stage {zero}"
           f"{' with CPU offload' if offload else ''}")

@@ -21,19 +21,26 @@ TRAINING = ("indexer_warmup", "sparse_train")
 DONE_FILE = "DONE"  # written last: cluster entry points tell a finished run from a stopped one
 
 
+def check_data_sources(recipe) -> None:
+    """The data sources' paths, when a stage reads them (training and evaluation stages); a launch and
+    `--dry-run` stop on the same one-line error."""
+    from ..data import check_sources
+
+    if any(s.type in TRAINING + ("evaluate",) for s in recipe.stages):
+        check_sources(recipe.data)
+
+
 def check_inputs(recipe, out_dir) -> None:
     """What later stages read, checked before anything is written or loaded: the sparsity plan (without a
-    calibrate stage), then the data sources' paths (for training and evaluation stages)."""
+    calibrate stage), then the data sources' paths."""
     from pathlib import Path
 
-    from ..data import check_sources
     from .context import NO_PLAN
 
     kinds = [s.type for s in recipe.stages]
     if "calibrate" not in kinds and not recipe.sparsity.plan and not (Path(out_dir) / "plan.json").is_file():
         raise UserError(NO_PLAN)
-    if any(k in TRAINING + ("evaluate",) for k in kinds):
-        check_sources(recipe.data)
+    check_data_sources(recipe)
 
 
 def run_recipe(recipe, output_dir: str | None = None) -> RunContext:
