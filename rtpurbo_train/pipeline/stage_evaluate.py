@@ -32,10 +32,12 @@ class EvalTexts:
 def heldout_documents(data, tokenizer, limit: int = MAX_EVAL_TEXTS) -> tuple[list[str], dict[str, int]]:
     """Up to `limit` held-out documents of `data.sources`, taken from the sources in turn (round robin, so
     every source is represented), and how many each source gave. Only the user sources: no synthetic text."""
+    from ..data import iter_texts
+
     per_source = []
     for source in data.sources:
         alone = data.model_copy(update={"sources": [source], "synthetic": None})
-        per_source.append((source.path, _iter_texts(alone, tokenizer)))
+        per_source.append((source.path, iter_texts(alone, split="eval", tokenizer=tokenizer)))
     texts, counts = [], {path: 0 for path, _ in per_source}
     active = list(per_source)
     while active and len(texts) < limit:
@@ -49,12 +51,6 @@ def heldout_documents(data, tokenizer, limit: int = MAX_EVAL_TEXTS) -> tuple[lis
             if len(texts) >= limit:
                 break
     return texts, counts
-
-
-def _iter_texts(data, tokenizer):
-    from ..data import iter_texts
-
-    return iter_texts(data, split="eval", tokenizer=tokenizer)
 
 
 def _describe(counts: dict[str, int], eval_fraction: float) -> str:
