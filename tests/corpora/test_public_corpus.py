@@ -137,10 +137,13 @@ def test_prepare_is_idempotent_and_rebuilds_from_the_cached_archive(tmp_path, ar
     assert [r["id"] for r in _records(out / "python_docs.jsonl")][0] == "python-docs/glossary"
 
 
-def test_prepared_corpus_trains_through_data_sources_and_holds_out_whole_documents(tmp_path, archives):
+def test_prepared_corpus_trains_through_data_sources_and_holds_out_whole_documents(tmp_path, archives, monkeypatch):
     out = tmp_path / "public"
     prepare_public_corpus(out, archives=archives, log=lambda m: None)
-    cfg = DataConfig(sources=[{"path": str(out / "sotu.jsonl")}, {"path": str(out / "python_docs.jsonl")}],
+    # Relative source paths: the hold-out hashes the path as written, so the split is the same on every run
+    # (an absolute tmp_path changes from run to run, and with 6 documents could hold out none).
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(sources=[{"path": "public/sotu.jsonl"}, {"path": "public/python_docs.jsonl"}],
                      eval_fraction=0.4, min_tokens=16, cache_dir=str(tmp_path / "cache"))
     train, held = list(iter_texts(cfg, "train")), list(iter_texts(cfg, "eval"))
     assert held and train and not set(train) & set(held) and len(train) + len(held) == 6
