@@ -16,7 +16,7 @@ head dim 64, vocab 49152, window 1024 as in the rtpurbo_300step recipe), or `--m
   torch.compile; the first call, which compiles, is not timed);
 - sparse (`trust_remote_code=True`), decode steps eager (`model.rtpurbo_options.cuda_graphs = False`);
 - sparse, decode steps replayed from a CUDA graph (the default).
-Decode time per token = (generate(prompt, new) - generate(prompt, 1)) / (new - 1) after one warm-up call,
+Decode time per token = (generate(prompt, new) - generate(prompt, 1)) / (new - 1) after a warm-up call of each,
 greedy, every row of a batch the same length, CUDA-synced wall clock, median of --repeats. KV bytes per
 sequence are measured on the caches after a prefill; the largest batch that fits is an estimate:
 (GPU memory - weights - 10% headroom) / per-sequence KV bytes, without activations.
@@ -76,7 +76,10 @@ def load(folder, sparse: bool, device, options: dict):
 
 
 def time_row(model, ids, new, repeats, gen_kwargs):
-    timed_generate(model, ids, 4, **gen_kwargs)  # warm-up: kernels compile, torch.compile runs, graphs record
+    # Warm-up at both timed lengths: kernels compile and graphs record, and a static cache is sized prompt +
+    # max_new_tokens, so torch.compile compiles the timed shape here and not inside the first timed call.
+    timed_generate(model, ids, 1, **gen_kwargs)
+    timed_generate(model, ids, new, **gen_kwargs)
     one = statistics.median(timed_generate(model, ids, 1, **gen_kwargs) for _ in range(repeats))
     many = statistics.median(timed_generate(model, ids, new, **gen_kwargs) for _ in range(repeats))
     return one, (many - one) / (new - 1)
