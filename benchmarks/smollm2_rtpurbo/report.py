@@ -27,7 +27,7 @@ from report_format import human_bytes, missing, num, pct, seconds, signed_pct, t
 from run import SHORT_NOTE, define_runs  # noqa: E402  (the run names and notes, in order)
 
 TARGET_LENGTH = 8192
-NEEDLE_RATIO, PPL_INCREASE, SPARSITY = 0.98, 0.02, 0.75
+NEEDLE_RATIO, PPL_INCREASE, SPARSITY = 0.98, 0.01, 0.75  # issue 16: needle >= 0.98 of dense, perplexity <= +1%, 75% at 8K
 STAGE_TYPES = ("calibrate", "indexer_warmup", "sparse_train", "export", "evaluate")
 CURVES = [  # (file stem, title, [metric keys]) from metrics.jsonl, x = global step
     ("loss", "train/loss (warm-up: indexer KL; sparse stage: weighted sum)", ["train/loss"]),
@@ -292,8 +292,8 @@ def targets_section(run: dict) -> list[str]:
     t = targets(ev)
     lines += table(["target", "result", "measured"],
                    [["needle >= 98% of dense, every length", *t["needle"]],
-                    ["perplexity increase <= 2%", *t["ppl"]],
-                    [f"sparsity >= 75% at {length_label(TARGET_LENGTH)}", *t["sparsity"]]])
+                    [f"perplexity increase <= {PPL_INCREASE:.0%}", *t["ppl"]],
+                    [f"sparsity >= {SPARSITY:.0%} at {length_label(TARGET_LENGTH)}", *t["sparsity"]]])
     if not any(v[0] == "MISSED" for v in t.values()):
         return lines
     lines += ["Where to look (misses):", ""]

@@ -60,6 +60,10 @@ def define_runs() -> list[Run]:
     short = SHORT_WARMUP + SHORT_SPARSE + SHORT_EVAL
     return [
         Run("full", "the base recipe as is", []),
+        # Issue 16's sweep at the full schedule: window 512 reaches 75% block sparsity at 8K, 1024 cannot.
+        Run("full_window_512", "the base recipe with window 512", ["sparsity.window=512"]),
+        Run("full_window_512_retrieval_0.20", "the base recipe with window 512 and retrieval fraction 0.20",
+            ["sparsity.window=512", "sparsity.retrieval_fraction=0.20"]),
         Run("short_top_p", f"baseline ablation: top-p 0.9, retrieval 0.15; {SHORT_NOTE}", short),
         Run("short_top_k", f"fixed top-16 blocks instead of top-p; {SHORT_NOTE}", short + ["sparsity.top_k=16"]),
         Run("short_ssa", f"SSA: mode both + ssa_align 10.0 (as recipes/ssa_align.yaml); {SHORT_NOTE}",
