@@ -15,7 +15,9 @@ head dim 64, vocab 49152, window 1024 as in the rtpurbo_300step recipe), or `--m
 - dense, plain load with `cache_implementation="static"` (transformers then compiles the decode step with
   torch.compile; the first call, which compiles, is not timed);
 - sparse (`trust_remote_code=True`), decode steps eager (`model.rtpurbo_options.cuda_graphs = False`);
-- sparse, decode steps replayed from a CUDA graph (the default).
+- sparse, decode steps replayed from a CUDA graph (the default);
+- sparse load with the prompt below its seqlen_threshold (as a shipped SmolLM2 at 8K: threshold 32768) and
+  `cache_implementation="static"`: the dense fallback on transformers' own cache, compiled as for the plain load.
 Decode time per token = (generate(prompt, new) - generate(prompt, 1)) / (new - 1) after a warm-up call of each,
 greedy, every row of a batch the same length, CUDA-synced wall clock, median of --repeats. KV bytes per
 sequence are measured on the caches after a prefill; the largest batch that fits is an estimate:
@@ -33,13 +35,16 @@ import time
 
 import torch
 
-from export_shapes import LABELS, SHAPES, add_shape_arguments, apply_shape_defaults, build_and_export, export_pretrained
+from export_shapes import (LABELS, SHAPES, add_shape_arguments, apply_shape_defaults, build_and_export, export_pretrained,
+                           set_threshold)
 from result_file import emit, provenance
 
 ROWS = (("dense, plain load (DynamicCache)", False, {}),
         ("dense, plain load, static cache + torch.compile", False, {"cache_implementation": "static"}),
         ("sparse, eager decode steps", True, {"cuda_graphs": False}),
-        ("sparse, CUDA-graph decode steps", True, {"cuda_graphs": True}))
+        ("sparse, CUDA-graph decode steps", True, {"cuda_graphs": True}),
+        ("sparse load, prompt below seqlen_threshold (dense fallback), static cache + torch.compile", True,
+         {"cache_implementation": "static", "dense_fallback": True}))
 
 
 def sync(device):
@@ -72,6 +77,8 @@ def load(folder, sparse: bool, device, options: dict):
     model = model.to(device).eval()
     if sparse:
         model.rtpurbo_options.cuda_graphs = options.get("cuda_graphs", True)
+        if options.get("dense_fallback"):
+            set_threshold(model, 2**31 - 1)  # every prompt below it: the plain model's path on a stock cache
     return model
 
 

@@ -50,7 +50,6 @@ Out of memory -> NaN cell. Every cell is printed as it is measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -61,7 +60,8 @@ from pathlib import Path
 
 import torch
 
-from export_shapes import LABELS, SHAPES, add_shape_arguments, apply_shape_defaults, build_and_export, export_pretrained
+from export_shapes import (LABELS, SHAPES, add_shape_arguments, apply_shape_defaults, build_and_export, export_pretrained,
+                           set_threshold)
 from result_file import emit, provenance
 
 DEFAULT_LENGTHS = {"qwen2-1.5b": [32768, 131072], "smollm2-135m": [2048, 4096, 8192]}
@@ -131,15 +131,6 @@ def load_export(folder, device, remote: bool):
     kwargs = {"trust_remote_code": True} if remote else {}
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, **kwargs)
     return model.to(device).eval()
-
-
-def set_threshold(model, threshold: int) -> None:
-    """seqlen_threshold of a trust_remote_code model: the frozen settings replaced on the model and every layer."""
-    settings = dataclasses.replace(model.rtpurbo_settings, seqlen_threshold=int(threshold))
-    model.rtpurbo_settings = settings
-    for layer in model.model.layers:
-        if hasattr(layer.self_attn, "rtpurbo_settings"):
-            layer.self_attn.rtpurbo_settings = settings
 
 
 def load_training_model(folder: Path, device):

@@ -9,6 +9,8 @@ random init of `attach_sparsity` (seed 0).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 # Each shape: the config class and its fields (None: the byte tokenizer's vocabulary), window and prompt.
@@ -93,3 +95,12 @@ def export_pretrained(folder, name: str, window: int, seqlen_threshold: int = 0)
 
     model, tok = load_model(ModelConfig(name_or_path=name, dtype="float32"))
     return _attach_and_export(model, tok, folder, window, seqlen_threshold)
+
+
+def set_threshold(model, threshold: int) -> None:
+    """seqlen_threshold of a trust_remote_code model: the frozen settings replaced on the model and every layer."""
+    settings = dataclasses.replace(model.rtpurbo_settings, seqlen_threshold=int(threshold))
+    model.rtpurbo_settings = settings
+    for layer in model.model.layers:
+        if hasattr(layer.self_attn, "rtpurbo_settings"):
+            layer.self_attn.rtpurbo_settings = settings

@@ -16,7 +16,9 @@ i and key j (absolute positions), block size bs:
   ties by index) whose sum reaches top_p (or the top_k heaviest), plus sink and local blocks; query i
   sees key j iff j <= i and j // bs is chosen for i // bs;
 - softmax attention over the visible keys with the model's `scaling`, then o_proj.
-Dense (plain causal) attention when the prompt is shorter than `seqlen_threshold` (> 0).
+Dense (plain causal) attention when the prompt is shorter than `seqlen_threshold` (> 0). Such prompts may also
+use a stock transformers cache (`generate(..., cache_implementation="static")`): the plain model's own path,
+which transformers compiles as it does for the plain load.
 
 Decoding: the cache (cache_rtpurbo.py) keeps only sink + window tokens on streaming heads. A decoded
 token's selection averages the mass of the strided queries of its query block seen so far (accumulated
@@ -376,11 +378,12 @@ class RTPurboAttention(nn.Module):
     _rtpurbo_base: type  # the base attention class (LlamaAttention, Qwen3Attention, ...)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is None and kwargs.get("rtpurbo_mode") == "dense":
-            # Below seqlen_threshold without a cache: the base class's own attention, op for op what a
-            # plain load runs (so the dense fallback is never slower than the plain model).
+        if kwargs.get("rtpurbo_mode") == "dense" and not isinstance(past_key_values, RTPurboCache):
+            # Dense without an RTPurbo cache (none, or a stock transformers cache): the base class's own
+            # attention, op for op what a plain load runs (so the dense fallback is never slower than it).
             kwargs.pop("rtpurbo_mode")
-            return self._rtpurbo_base.forward(self, hidden_states, position_embeddings, attention_mask, None, **kwargs)
+            return self._rtpurbo_base.forward(self, hidden_states, position_embeddings, attention_mask,
+                                              past_key_values, **kwargs)
         B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
@@ -673,14 +676,18 @@ class RTPurboCausalLMMixin:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        new = input_ids if input_ids is not None else inputs_embeds
         if past_key_values is not None and not isinstance(past_key_values, RTPurboCache):
-            if past_key_values.get_seq_length() > 0:
-                raise TypeError(f"the RTPurbo model needs an RTPurboCache (model.make_cache()), got "
-                                f"{type(past_key_values).__name__}")
-            past_key_values = None  # an empty stock cache from a caller: replace it
+            if self._rtpurbo_stock_cache_is_dense(past_key_values, new.shape[1]):
+                # A stock transformers cache (e.g. generate(cache_implementation="static")): the plain model's
+                # own path, dense, so transformers can compile it as it compiles the plain load.
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                       use_cache=use_cache, logits_to_keep=logits_to_keep, rtpurbo_mode="dense",
+                                       **kwargs)
+            past_key_values = None  # an empty DynamicCache before a sparse prompt: replaced by an RTPurbo cache
         if past_key_values is None and use_cache:
             past_key_values = self.make_cache()
-        new = input_ids if input_ids is not None else inputs_embeds
         cache = past_key_values
         if cache is None or cache.get_seq_length() == 0:
             lengths = _left_padded_lengths(attention_mask)  # at prefill: later steps only append tokens
@@ -710,6 +717,22 @@ class RTPurboCausalLMMixin:
         if cache is not None:
             cache.set_lengths([cache.get_seq_length()] * new.shape[0], new.device)
         return out
+
+    def _rtpurbo_stock_cache_is_dense(self, cache, num_new: int) -> bool:
+        """Whether a stock (non-RTPurbo) cache runs the plain dense path. It holds full keys and values only, so
+        it can: once it holds tokens (a dense prefill filled it), or before a prompt that runs dense anyway (below
+        seqlen_threshold, or sparsity off). An empty DynamicCache before a sparse prompt is swapped for an
+        RTPurbo cache (False); any other stock cache there is an error, since it cannot hold the sparse state."""
+        # The mode first: it is host-side, while a StaticCache's length is a tensor (a branch torch.compile
+        # cannot trace in the compiled decode step).
+        if self._rtpurbo_mode(None, num_new) == "dense" or cache.get_seq_length() > 0:
+            return True
+        if type(cache).__name__ == "DynamicCache":
+            return False
+        threshold = self.rtpurbo_settings.seqlen_threshold
+        raise ValueError(f"a {num_new}-token prompt runs sparse attention (seqlen_threshold {threshold}), which needs the "
+                         f"RTPurbo cache, not a {type(cache).__name__}: leave generate()'s cache_implementation "
+                         "unset (or pass model.make_cache()); stock caches serve only prompts that run dense")
 
     def _rtpurbo_prefill_rows(self, input_ids, inputs_embeds, lengths, cache, labels, logits_to_keep, kwargs):
         """A left-padded prompt batch: each row runs alone on its own tokens (positions 0.., as if unbatched),
@@ -759,9 +782,10 @@ class RTPurboCausalLMMixin:
                 and not torch.cuda.is_current_stream_capturing())
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            if generation_config.cache_implementation is not None:
-                raise ValueError("RTPurbo models use their own cache; leave generation_config.cache_implementation unset")
+        # An asked-for cache_implementation (e.g. "static") gets transformers' own cache: it serves prompts that
+        # run dense (forward checks), as on the plain load. Otherwise the RTPurbo cache.
+        no_cache_asked = generation_config.cache_implementation is None
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False and no_cache_asked:
             model_kwargs["past_key_values"] = self.make_cache(reserve=generation_config.max_length or 0)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
