@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import triton_common
 from .reverse_map import build_reverse_block_map
-from .triton_common import LOG2E, needs_token_mask, visible_pairs
+from .triton_common import LOG2E, load_key_block, needs_token_mask, visible_pairs
 
 
 @triton.jit
@@ -67,14 +67,8 @@ def _dq_block(q, do, lse2, delta, q_pos, dq, kb, k_base, v_base, stride_kt, stri
               qk_scale_log2, MASK: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
               HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ contribution of one selected key block: dS = P * (dO V^T - delta), dQ += dS K."""
-    n = tl.arange(0, BS)
-    d = tl.arange(0, HEAD_DIM)
-    k_pos = kb * BS + n
-    k_ok = k_pos < T
-    k_off = k_pos.to(tl.int64)
-    k = tl.load(k_base + k_off[:, None] * stride_kt + d[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(v_base + k_off[:, None] * stride_vt + d[None, :], mask=k_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    s, k, v, k_pos = load_key_block(q, kb, k_base, v_base, stride_kt, stride_vt, T, qk_scale_log2, BS, HEAD_DIM,
+                                    DOT_PRECISION)
     p = tl.math.exp2(s - lse2[:, None])
     if MASK:
         p = tl.where(visible_pairs(q_pos[:, None], k_pos[None, :], window, sink, HAS_WINDOW), p, 0.0)

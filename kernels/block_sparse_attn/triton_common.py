@@ -87,3 +87,19 @@ def needs_token_mask(qb, kb, window, sink, BS: tl.constexpr, HAS_WINDOW: tl.cons
         farthest = qb * BS + BS - 1 - kb * BS
         partial = partial | ((window > 0) & (farthest >= window) & (kb * BS + BS > sink))
     return partial
+
+
+@triton.jit
+def load_key_block(q, kb, k_base, v_base, stride_kt, stride_vt, T, qk_scale_log2, BS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Key block kb of one KV head: its K and V tiles [BS, D] (keys past T read as 0), their positions, and
+    the base-2 scores q K^T * scale * log2(e) of the query tile q [M, D] (the preamble of fwd and dQ)."""
+    n = tl.arange(0, BS)
+    d = tl.arange(0, HEAD_DIM)
+    k_pos = kb * BS + n
+    k_ok = k_pos < T
+    k_off = k_pos.to(tl.int64)
+    k = tl.load(k_base + k_off[:, None] * stride_kt + d[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(v_base + k_off[:, None] * stride_vt + d[None, :], mask=k_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    return s, k, v, k_pos

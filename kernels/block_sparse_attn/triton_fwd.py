@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common
-from .triton_common import LOG2E, needs_token_mask, visible_pairs
+from .triton_common import LOG2E, load_key_block, needs_token_mask, visible_pairs
 
 # Globals read inside @triton.jit must be constexpr.
 LN2_JIT = tl.constexpr(0.6931471805599453)
@@ -26,14 +26,8 @@ def _fwd_attend_block(q, q_pos, m_i, l_i, acc, kb, k_base, v_base, stride_kt, st
                       qk_scale_log2, MASK: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One selected key block: scores, optional token mask, online-softmax update (base 2)."""
-    n = tl.arange(0, BS)
-    d = tl.arange(0, HEAD_DIM)
-    k_pos = kb * BS + n
-    k_ok = k_pos < T
-    k_off = k_pos.to(tl.int64)
-    k = tl.load(k_base + k_off[:, None] * stride_kt + d[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(v_base + k_off[:, None] * stride_vt + d[None, :], mask=k_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    s, k, v, k_pos = load_key_block(q, kb, k_base, v_base, stride_kt, stride_vt, T, qk_scale_log2, BS, HEAD_DIM,
+                                    DOT_PRECISION)
     if MASK:
         s = tl.where(visible_pairs(q_pos[:, None], k_pos[None, :], window, sink, HAS_WINDOW), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
