@@ -20,7 +20,8 @@ __all__ = ["block_sparse_attention", "block_sparse_attention_reference", "block_
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                            block_cnt: torch.Tensor, *, kv_window: torch.Tensor | None = None, sink_tokens: int = 0,
-                           sm_scale: float | None = None, block_size: int = 64, backend: str = "auto"):
+                           sm_scale: float | None = None, block_size: int = 64, backend: str = "auto",
+                           return_lse: bool = True):
     """Attention where query i sees key j iff j <= i, j's block is selected for (b, kv head, i's block),
     and (no window on the head, or i - j < kv_window[h], or j < sink_tokens).
 
@@ -28,7 +29,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     block_idx int32 [B, Hkv, NQB, MAXB], NQB = ceil(T / block_size), sorted ascending, unique, -1 padded;
     block_cnt int32 [B, Hkv, NQB]; kv_window int32 [Hkv] (<= 0: no window on that head) or None.
     Returns o [B, T, Hq, D] in q.dtype and lse float32 [B, Hq, T] (natural log of the sum of
-    exp(sm_scale * q.k) over visible keys; -inf on a row that sees nothing, whose o is 0).
+    exp(sm_scale * q.k) over visible keys; -inf on a row that sees nothing, whose o is 0), or None with
+    `return_lse=False` (the reference then skips computing it; Triton's forward has it anyway).
     Differentiable in q, k, v; lse carries no gradient. backend: "auto" (Triton on CUDA, reference
     elsewhere), "reference" or "triton" (head_dim 64 or 128; fp16, bf16, fp32).
     """
@@ -37,10 +39,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     if resolve_backend(backend, q.device) == "reference":
         check_block_index_values(block_idx, block_cnt)
         return block_sparse_attention_reference(q, k, v, block_idx, block_cnt, kv_window=kv_window,
-                                                sink_tokens=sink_tokens, sm_scale=scale, block_size=block_size)
+                                                sink_tokens=sink_tokens, sm_scale=scale, block_size=block_size,
+                                                return_lse=return_lse)
     from .triton_common import check_head_dim
     check_head_dim(q.shape[-1])
     if block_size not in (16, 32, 64, 128):
         raise ValueError(f"the Triton kernels take block_size 16, 32, 64 or 128, got {block_size}")
     from .triton_autograd import block_sparse_attention_triton
-    return block_sparse_attention_triton(q, k, v, block_idx, block_cnt, kv_window, sink_tokens, scale, block_size)
+    o, lse = block_sparse_attention_triton(q, k, v, block_idx, block_cnt, kv_window, sink_tokens, scale, block_size)
+    return o, (lse if return_lse else None)

@@ -2,12 +2,14 @@
 
 It applies the contract's visibility rule literally (docs/INTERFACES.md): query `i` sees key `j` iff
 `j <= i`, `j // bs` is a selected block of `(b, kv head, i // bs)`, and the KV head has no window or
-`i - j < kv_window[h]` or `j < sink_tokens`. Scores are computed densely for a chunk of query rows
-against the key blocks that the chunk selected, masked, and soft-maxed in float32.
+`i - j < kv_window[h]` or `j < sink_tokens`. A chunk of query rows attends to the key blocks that the
+chunk selected under that visibility mask, in float32, through torch's `scaled_dot_product_attention`
+(a softmax over the visible keys; fused on CPU, where this is the training backend). `lse`, when asked
+for, is the logsumexp of the masked scores, computed separately.
 
 Memory stays bounded: the sequence is processed in chunks of query blocks, and under autograd each
 chunk runs inside a non-reentrant `torch.utils.checkpoint`, so the backward recomputes that chunk's
-scores instead of keeping them. Saved memory is O(T * D) for the inputs plus O(chunk * T) for the one
+mask instead of keeping it. Saved memory is O(T * D) for the inputs plus O(chunk * T) for the one
 chunk being recomputed; T x T per head never exists at once.
 """
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..layout import mask_from_block_index
 
-# About 128 MB of float32 scores per chunk; the mask, probabilities and their gradients add a few
-# times that, which a CPU training step can afford at 8K tokens.
+# About 128 MB of float32 scores (or attention-mask entries) per chunk, a few times that in temporaries,
+# which a CPU training step can afford at 8K tokens.
 _SCORE_ELEMENTS_PER_CHUNK = 1 << 25
 
 
@@ -41,13 +44,13 @@ def visibility_mask(block_mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.
 
 def _attend_chunk(q_chunk: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor, k_pos: torch.Tensor,
                   block_mask: torch.Tensor, start: int, kv_window: torch.Tensor | None, sink_tokens: int,
-                  block_size: int, sm_scale: float):
+                  block_size: int, sm_scale: float, with_lse: bool):
     """One chunk of query rows (positions start .. start+L-1) against the keys at positions `k_pos` [S].
 
     q_chunk [B, Hkv, G, L, D]; k_heads, v_heads [B, Hkv, T, D] (whole sequence; only k_pos is read).
-    Returns o [B, Hkv, G, L, D] (float32) and lse [B, Hkv, G, L] (float32, -inf on rows that see nothing).
-    The key gather and the mask are built here, not passed in, so that a checkpoint keeps no
-    per-chunk copy alive: the backward recomputes them.
+    Returns o [B, Hkv, G, L, D] (float32) and lse [B, Hkv, G, L] (float32, -inf on rows that see nothing;
+    None unless `with_lse`). The key gather and the mask are built here, not passed in, so that a
+    checkpoint keeps no per-chunk copy alive: the backward recomputes them.
     """
     batch, num_kv_heads, group, rows, head_dim = q_chunk.shape
     keys = k_pos.numel()
@@ -58,17 +61,18 @@ def _attend_chunk(q_chunk: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.T
 
     # Group rows share the KV head: one [G*L, D] x [D, S] product per KV head, no copy of K per query head.
     q_rows = q_chunk.float().reshape(batch, num_kv_heads, group * rows, head_dim)
-    scores = torch.matmul(q_rows, k_sel.transpose(-1, -2)) * sm_scale
-    scores = scores.view(batch, num_kv_heads, group, rows, keys).masked_fill(~visible[:, :, None], float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    # A row that sees nothing has max -inf; shifting by 0 instead keeps exp() at 0 rather than NaN.
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    probs = torch.exp(scores - row_max)
-    denom = probs.sum(dim=-1, keepdim=True)
-    probs = probs / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = torch.matmul(probs.view(batch, num_kv_heads, group * rows, keys), v_sel)
-    lse = (row_max + torch.log(denom.detach())).squeeze(-1)
-    return out.view(batch, num_kv_heads, group, rows, head_dim), lse
+    # A row that sees nothing attends to every key and is then zeroed: o = 0 and zero gradients there,
+    # whatever SDPA would make of a fully masked row.
+    blind = ~visible.any(dim=-1, keepdim=True)                                          # [B, Hkv, L, 1]
+    mask = (visible | blind)[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, num_kv_heads, group * rows, keys)
+    out = F.scaled_dot_product_attention(q_rows, k_sel, v_sel, attn_mask=mask, scale=sm_scale)
+    out = out.view(batch, num_kv_heads, group, rows, head_dim).masked_fill(blind[:, :, None], 0.0)
+    if not with_lse:
+        return out, None
+    with torch.no_grad():
+        scores = (torch.matmul(q_rows, k_sel.transpose(-1, -2)) * sm_scale).view(batch, num_kv_heads, group, rows, keys)
+        lse = torch.logsumexp(scores.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)  # -inf: sees nothing
+    return out, lse
 
 
 def _chunk_key_positions(block_mask: torch.Tensor, first_block: int, last_block: int, seq_len: int,
@@ -88,13 +92,14 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
                                      block_idx: torch.Tensor, block_cnt: torch.Tensor, *,
                                      kv_window: torch.Tensor | None = None, sink_tokens: int = 0,
                                      sm_scale: float | None = None, block_size: int = 64,
-                                     chunk_rows: int | None = None):
+                                     chunk_rows: int | None = None, return_lse: bool = True):
     """Block-sparse causal attention in plain PyTorch, differentiable in q, k, v.
 
     q [B, T, Hq, D]; k, v [B, T, Hkv, D] with Hq = G * Hkv; block_idx int32 [B, Hkv, NQB, MAXB]
     (sorted, unique, -1 padded); block_cnt int32 [B, Hkv, NQB]; kv_window int32 [Hkv] or None.
     `chunk_rows` (a multiple of `block_size`) overrides the automatic chunk length.
-    Returns o [B, T, Hq, D] in q.dtype and lse float32 [B, Hq, T] (natural log; no gradient).
+    Returns o [B, T, Hq, D] in q.dtype and lse float32 [B, Hq, T] (natural log; no gradient), or None
+    with `return_lse=False` (which skips its second pass over the scores).
     """
     batch, seq_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -118,14 +123,14 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         end = min(seq_len, start + chunk_rows)
         k_pos = _chunk_key_positions(block_mask, start // block_size, (end - 1) // block_size, seq_len, block_size)
         args = (q_heads[:, :, :, start:end], k_heads, v_heads, k_pos, block_mask, start, kv_window, sink_tokens,
-                block_size, scale)
+                block_size, scale, return_lse)
         if use_checkpoint:
             out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False)
         else:
             out, lse = _attend_chunk(*args)
         outs.append(out)
-        lses.append(lse.detach())
+        lses.append(lse)
 
     o = torch.cat(outs, dim=3).permute(0, 3, 1, 2, 4).reshape(batch, seq_len, num_q_heads, head_dim)
-    lse = torch.cat(lses, dim=3).reshape(batch, num_q_heads, seq_len)
+    lse = torch.cat(lses, dim=3).reshape(batch, num_q_heads, seq_len) if return_lse else None
     return o.to(q.dtype), lse

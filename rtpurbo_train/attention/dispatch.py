@@ -95,7 +95,7 @@ def rtpurbo_attention(module, query, key, value, attention_mask, scaling=None, d
     if runtime.mode in ("sparse", "both"):
         out_sparse, _ = rtpurbo_kernels.block_sparse_attention(
             q, k, value.transpose(1, 2), idx, cnt, kv_window=kv_window, sink_tokens=plan.sink_tokens,
-            sm_scale=scaling, block_size=bs, backend=runtime.backend)
+            sm_scale=scaling, block_size=bs, backend=runtime.backend, return_lse=False)
     if runtime.mode == "both":
         runtime.record("ssa_align", layer.layer_idx, ssa_alignment_loss(out_full, out_sparse) * runtime.head_share)
     if runtime.measure:

@@ -82,3 +82,23 @@ def test_retrieval_window_covering_the_sequence_equals_full(retrieval_window, eq
         torch.testing.assert_close(logits["sparse"], logits["full"], atol=2e-5, rtol=1e-4)
     else:
         assert (logits["sparse"] - logits["full"]).abs().max() > 1e-3
+
+
+def test_sparse_attention_does_not_ask_for_lse(monkeypatch):
+    """The layers never read the kernel's lse, so they ask for none (the reference backend then skips its
+    second pass over the scores)."""
+    import rtpurbo_kernels
+
+    kernel, asked = rtpurbo_kernels.block_sparse_attention, []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("return_lse", True))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(rtpurbo_kernels, "block_sparse_attention", spy)
+    model = _model("tiny-llama")
+    runtime = attach_sparsity(model, SparsityPlan.uniform(HeadLayout.from_config(model.config), [0], window=64),
+                              backend="reference")
+    with torch.no_grad(), runtime.use_mode("sparse"):
+        model(input_ids=torch.zeros(1, 130, dtype=torch.long), use_cache=False)
+    assert asked and not any(asked)

@@ -103,6 +103,31 @@ def test_reference_matches_brute_force(seed, batch, seq_len, num_kv_heads, group
                                        msg=f"{name} chunk_rows={chunk_rows}")
 
 
+def test_reference_without_lse_and_with_rows_that_see_nothing():
+    """return_lse=False (the training attention's call) returns lse None and the same o and gradients;
+    rows that see nothing (query block 0 selects no block) get o = 0 and zero gradients, as brute force."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v, do = make_inputs(1, 200, 2, 3, 16, gen)
+    block_idx, block_cnt = random_selection(1, 2, 200, 0.5, gen, drop_own_block=True)
+    kv_window = torch.tensor([70, 0], dtype=torch.int32)
+    want = outputs_and_grads(lambda q, k, v: brute_force_attention(q, k, v, block_idx, block_cnt, kv_window, 4,
+                                                                    0.25), q, k, v, do)
+    with_lse = outputs_and_grads(lambda q, k, v: block_sparse_attention(
+        q, k, v, block_idx, block_cnt, kv_window=kv_window, sink_tokens=4, sm_scale=0.25, backend="reference"),
+        q, k, v, do)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), with_lse, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=1e-5, msg=name)
+    assert torch.all(with_lse[0][:, :64] == 0) and torch.all(with_lse[1][:, :, :64] == float("-inf"))
+
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    o, lse = block_sparse_attention(q, k, v, block_idx, block_cnt, kv_window=kv_window, sink_tokens=4,
+                                    sm_scale=0.25, backend="reference", return_lse=False)
+    assert lse is None
+    for name, a, b in zip(("o", "dq", "dk", "dv"), (o.detach(), *torch.autograd.grad(o, (q, k, v), do)),
+                          with_lse[:1] + with_lse[2:]):
+        assert torch.equal(a, b), name
+
+
 def test_reference_all_blocks_equals_sdpa_causal():
     gen = torch.Generator().manual_seed(5)
     batch, seq_len, num_kv_heads, group, head_dim = 2, 150, 2, 3, 32
