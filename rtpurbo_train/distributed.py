@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,30 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def forward_share(model) -> tuple[int, int]:
+    """(this rank, ranks) to deal independent no-grad forwards over (calibration documents, evaluation
+    prompts). Every rank holds the whole model, unless DeepSpeed's ZeRO-3 has partitioned it (it marks
+    those parameters with `ds_id`): its forwards need every rank, so each runs them all: (0, 1)."""
+    if world_size() == 1 or any(hasattr(p, "ds_id") for p in model.parameters()):
+        return 0, 1
+    return rank(), world_size()
+
+
+def deal(items: Sequence, share: tuple[int, int]) -> Sequence:
+    """This rank's items under `forward_share`: every world-th one, from its rank on."""
+    mine, ranks = share
+    return items[mine::ranks]
+
+
+def all_gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects); [obj] in one process."""
+    if not dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rtpurbo_train import distributed as dist
 from rtpurbo_train.calibration.echo_documents import EchoDocument
 from rtpurbo_train.calibration.needle_echo_attention import NeedleEchoProbe, needle_echo_attention
 from rtpurbo_train.plan import HeadLayout, SparsityPlan
@@ -26,7 +27,8 @@ def measure_retrieval_scores(model, documents: Sequence[EchoDocument], *, progre
     """Needle-echo retrieval score of every query head: float32 [L, Hq] (on CPU).
 
     One forward per document (batch 1) with the "rtpurbo_calibrate" attention function; the model's
-    attention implementation and train/eval mode are restored afterwards.
+    attention implementation and train/eval mode are restored afterwards. Several ranks deal the documents
+    among themselves and gather the scores (`distributed.forward_share`).
     """
     if not documents:
         raise ValueError("no calibration documents")
@@ -37,19 +39,27 @@ def measure_retrieval_scores(model, documents: Sequence[EchoDocument], *, progre
     # T x vocab memory for nothing.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
-    per_length: dict[int, list[torch.Tensor]] = defaultdict(list)
+    share = dist.forward_share(model)
+    scores: dict[int, torch.Tensor] = {}  # document index -> [L, Hq]
     was_training = model.training
     model.eval()
     try:
         with needle_echo_attention(model, probe):
-            for doc in tqdm(documents, desc="calibrate: needle-echo scores", unit="doc", disable=not progress):
+            for i in tqdm(dist.deal(range(len(documents)), share), desc="calibrate: needle-echo scores",
+                          unit="doc", disable=not progress):
+                doc = documents[i]
                 probe.start_document(doc.needle_1, doc.needle_2)
                 # Causal attention: tokens after needle_2 cannot change its rows, so they are not run.
                 ids = doc.input_ids[: doc.needle_2[1]].to(device)[None]
                 model(input_ids=ids, use_cache=False, **extra)
-                per_length[doc.length].append(probe.document_scores())
+                scores[i] = probe.document_scores()
     finally:
         model.train(was_training)
+    if share[1] > 1:
+        scores = {i: s for part in dist.all_gather_objects(scores) for i, s in part.items()}
+    per_length: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for i, doc in enumerate(documents):
+        per_length[doc.length].append(scores[i])
     by_length = [torch.stack(rows).mean(0) for _, rows in sorted(per_length.items())]
     return torch.stack(by_length).mean(0).float()
 

@@ -132,6 +132,7 @@ class EvaluateStage(Strict):
     haystack: Literal["auto", "heldout", "generated"] = "auto"
     perplexity_docs: int = Field(4, gt=0)
     perplexity_len: int = Field(1024, gt=0)
+    timing_runs: int = Field(3, gt=0, description="prefill time: the median of this many forwards per length and mode")
 
 
 Stage = Annotated[Union[CalibrateStage, IndexerWarmupStage, SparseTrainStage, ExportStage, EvaluateStage],

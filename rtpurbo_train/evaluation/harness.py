@@ -11,12 +11,14 @@ import torch
 
 from .. import distributed as dist
 from ..plan import SparsityPlan
+from .data_parallel import gather_by_length, gather_needles, gather_perplexity
 from .intervals import paired_ratio_interval, wilson_interval
 from .kv_cache import kv_cache_bytes
 from .needle_prompts import build_needle_prompts
 from .passes import SCORING, measure_perplexity, perplexity_documents, prefill_times, score_needles
+from .perplexity import BucketedPerplexity
 from .plots import evaluation_figures, save_figures
-from .prefill_timing import device_label
+from .prefill_timing import default_warmup, device_label
 from .report import render_report
 
 TEXTS_SCANNED_PER_DOC = 25  # held-out texts read per wanted perplexity document before giving up
@@ -46,10 +48,11 @@ def evaluate(model, tokenizer, runtime, plan: SparsityPlan, *, lengths: Sequence
       `text_sources`: {"perplexity": ..., "haystack": ...}, how the report names the texts (a default
       is written when missing).
 
-    Every rank runs the same forwards (sharded models need all ranks); rank 0 writes `out_dir/report.md`,
-    `out_dir/metrics.json`, `out_dir/plots/*.png` and logs to `monitor` (scalars under `eval/`, at
-    `global_step`). Returns the results dict (the content of metrics.json) on every rank. The model's
-    train/eval mode and the runtime's settings are restored afterwards.
+    Several ranks deal the prompts, the documents and the timed lengths among themselves and gather the
+    results (`data_parallel.py`; a ZeRO-3-partitioned model: every rank runs every forward). Rank 0 writes
+    `out_dir/report.md`, `out_dir/metrics.json`, `out_dir/plots/*.png` and logs to `monitor` (scalars under
+    `eval/`, at `global_step`). Returns the results dict (the content of metrics.json) on every rank. The
+    model's train/eval mode and the runtime's settings are restored afterwards.
     """
     lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
     _check_arguments(lengths, depths, samples_per_cell, perplexity_len, perplexity_docs, perplexity_buckets,
@@ -60,16 +63,20 @@ def evaluate(model, tokenizer, runtime, plan: SparsityPlan, *, lengths: Sequence
     device = next(model.parameters()).device
     dtype = getattr(base, "dtype", None) or next(model.parameters()).dtype  # the KV cache's dtype
     was_training = model.training
+    share = dist.forward_share(model)
     model.eval()
     try:
         prompts = build_needle_prompts(tokenizer, lengths, depths, samples_per_cell, seed, tasks, haystack_texts)
-        records, attention_by_length = score_needles(model, runtime, prompts, device, scoring=scoring, progress=progress)
+        records, attention_by_length = score_needles(model, runtime, dist.deal(prompts, share), device,
+                                                     scoring=scoring, progress=progress)
+        records, attention_by_length = gather_needles(records, attention_by_length, share, len(prompts))
         perplexity = _perplexity(model, tokenizer, runtime, perplexity_texts, perplexity_len, perplexity_docs,
-                                 perplexity_buckets, device, progress)
+                                 perplexity_buckets, device, progress, share)
         first_prompt = {}
         for p in prompts:
             first_prompt.setdefault(p.length, torch.tensor([list(p.prompt_ids)], dtype=torch.long))
-        prefill = prefill_times(model, runtime, first_prompt, device, timing_runs)
+        timed = prefill_times(model, runtime, dict(dist.deal(list(first_prompt.items()), share)), device, timing_runs)
+        prefill = gather_by_length(timed, share, lengths)
     finally:
         model.train(was_training)
 
@@ -89,7 +96,7 @@ def evaluate(model, tokenizer, runtime, plan: SparsityPlan, *, lengths: Sequence
         "kv_cache": {"dtype": str(dtype).replace("torch.", ""),
                      "by_length": {str(n): kv_cache_bytes(plan, n, dtype) for n in lengths}},
         "prefill": {"device": device_label(device), "backend": getattr(runtime, "backend", "?"), "runs": timing_runs,
-                    "by_length": {str(n): row for n, row in prefill.items()}},
+                    "warmup": default_warmup(device), "by_length": {str(n): row for n, row in prefill.items()}},
         "plan": {"num_layers": plan.model.num_layers, "summary": plan.summary(),
                  "settings": plan.model_dump(exclude={"layers"})},
     }
@@ -121,7 +128,7 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _perplexity(model, tokenizer, runtime, texts, seq_len, max_docs, buckets, device, progress) -> dict:
+def _perplexity(model, tokenizer, runtime, texts, seq_len, max_docs, buckets, device, progress, share) -> dict:
     if texts is None:
         return {"skipped": "no held-out texts were given"}
     docs, scanned = perplexity_documents(tokenizer, texts, seq_len, max_docs, TEXTS_SCANNED_PER_DOC * max_docs)
@@ -131,7 +138,12 @@ def _perplexity(model, tokenizer, runtime, texts, seq_len, max_docs, buckets, de
         if dist.is_main():
             print(f"[rtpurbo] evaluation: perplexity skipped: {reason}", flush=True)
         return {"skipped": reason}
-    stats = measure_perplexity(model, runtime, docs, buckets, device, progress=progress)
+    mine = dist.deal(docs, share)
+    if mine:
+        stats = measure_perplexity(model, runtime, mine, buckets, device, progress=progress)
+    else:  # more ranks than documents
+        stats = {name: BucketedPerplexity(seq_len, buckets) for name in ("dense", "sparse")}
+    stats = gather_perplexity(stats, share)
     dense, sparse = stats["dense"], stats["sparse"]
     rows = [{"start": d.start, "end": d.end, "tokens": d.tokens, "dense_ppl": d.perplexity,
              "sparse_ppl": s.perplexity, "rel_increase": s.perplexity / d.perplexity - 1.0}

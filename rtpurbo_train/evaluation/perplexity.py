@@ -76,6 +76,15 @@ class BucketedPerplexity:
             b.nll_sum += float(part.sum())
             b.tokens += part.numel()
 
+    def merge(self, other: "BucketedPerplexity") -> None:
+        """Add the sums of `other` (documents of the same length measured elsewhere, e.g. on another rank)."""
+        if other.seq_len != self.seq_len or len(other.buckets) != len(self.buckets):
+            raise ValueError(f"cannot merge {len(other.buckets)} buckets of length {other.seq_len} into "
+                             f"{len(self.buckets)} of length {self.seq_len}")
+        for mine, theirs in zip(self.buckets, other.buckets):
+            mine.nll_sum += theirs.nll_sum
+            mine.tokens += theirs.tokens
+
     @property
     def tokens(self) -> int:
         return sum(b.tokens for b in self.buckets)

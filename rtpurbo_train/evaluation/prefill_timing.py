@@ -1,7 +1,9 @@
 """Wall time of one whole-sequence forward (a prefill without KV cache), median over runs.
 
 On CUDA the time is taken with CUDA events around the forward (device time, no host jitter from
-queueing); on CPU with `time.perf_counter`. One warm-up run first (allocator, kernel compilation).
+queueing), after one warm-up run (allocator, kernel compilation); on CPU with `time.perf_counter` and
+no warm-up (eager CPU kernels compile nothing on a first call, and the evaluation times lengths its needle
+prompts have just run).
 """
 from __future__ import annotations
 
@@ -20,11 +22,16 @@ def device_label(device: torch.device) -> str:
     return f"{device.type}: {platform.machine() or 'unknown'}, {torch.get_num_threads()} threads"
 
 
-def time_forward(run: Callable[[], object], device: torch.device, runs: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of `runs` calls of `run` (after `warmup` untimed calls)."""
+def default_warmup(device: torch.device) -> int:
+    """Untimed calls before the timed ones: 1 on CUDA, 0 on CPU (module docstring)."""
+    return 1 if device.type == "cuda" else 0
+
+
+def time_forward(run: Callable[[], object], device: torch.device, runs: int, warmup: int | None = None) -> list[float]:
+    """Seconds of each of `runs` calls of `run` (after `warmup` untimed calls; None: `default_warmup`)."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
-    for _ in range(warmup):
+    for _ in range(default_warmup(device) if warmup is None else warmup):
         run()
     times = []
     for _ in range(runs):

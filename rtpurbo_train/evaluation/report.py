@@ -96,8 +96,9 @@ def _kv_section(kv: dict) -> list[str]:
 def _prefill_section(prefill: dict) -> list[str]:
     rows = [[n, str(v["tokens"]), _num(1000.0 * v["dense_s"], ".1f"), _num(1000.0 * v["sparse_s"], ".1f"),
              _num(v["speedup"], ".2f") + "x"] for n, v in prefill["by_length"].items()]
+    warmup = f"after {prefill['warmup']} warm-up run(s)" if prefill["warmup"] else "without a warm-up run"
     return (["## Prefill time", "", f"Device: {prefill['device']}; kernel backend: {prefill['backend']}; "
-             f"median of {prefill['runs']} runs after one warm-up; one forward without KV cache.", ""]
+             f"median of {prefill['runs']} runs {warmup}; one forward without KV cache.", ""]
             + _table(["length", "tokens", "dense ms", "sparse ms", "speedup"], rows))
 
 

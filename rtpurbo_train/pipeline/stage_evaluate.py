@@ -95,8 +95,9 @@ def run_evaluate(ctx, stage, name: str) -> None:
     try:
         evaluate(ctx.model, ctx.tokenizer, ctx.runtime, ctx.plan, lengths=stage.lengths, depths=stage.depths,
                  samples_per_cell=stage.samples_per_cell, tasks=stage.tasks, perplexity_texts=texts.perplexity,
-                 perplexity_len=stage.perplexity_len, perplexity_docs=stage.perplexity_docs, out_dir=ctx.out_dir,
-                 seed=ctx.recipe.seed, monitor=ctx.monitor, haystack_texts=texts.haystack,
+                 perplexity_len=stage.perplexity_len, perplexity_docs=stage.perplexity_docs,
+                 timing_runs=stage.timing_runs, out_dir=ctx.out_dir, seed=ctx.recipe.seed, monitor=ctx.monitor,
+                 haystack_texts=texts.haystack,
                  text_sources={"perplexity": texts.perplexity_label, "haystack": texts.haystack_label},
                  progress=dist.is_main())
     except ContextTooShort as err:

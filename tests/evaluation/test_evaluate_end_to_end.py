@@ -47,6 +47,7 @@ def test_evaluate_writes_report_and_sparse_equals_dense(tmp_path):
     for heading in ("Needle accuracy", "Perplexity by position", "Sparsity and attention recall", "KV-cache size",
                     "Prefill time", "Sparsity plan"):
         assert heading in report
+    assert results["prefill"]["warmup"] == 0 and "median of 1 runs without a warm-up run" in report  # CPU
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["needle"]["grid"] == results["needle"]["grid"]
     for name in ("accuracy_dense", "accuracy_sparse", "sparsity_vs_length", "recall_per_layer",
