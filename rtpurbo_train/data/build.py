@@ -37,14 +37,14 @@ def build_train_loader(
     how documents become [B, T] batches).
 
     Tokenises each source once into the cache (`data.cache_dir`, else `cache_dir` — the run's output
-    dir — else `$RTPURBO_CACHE/data`); concurrent ranks share one build. `show_progress`: a tqdm bar
-    while tokenising (rank 0 only)."""
+    dir — else `$RTPURBO_CACHE/data`); concurrent ranks share one build, each starting at its own source.
+    `show_progress`: a tqdm bar while tokenising (rank 0 only)."""
     if seq_len < 2:
         raise UserError(f"seq_len must be >= 2, got {seq_len}")
     if tokenizer.pad_token_id is None:
         raise UserError("the tokenizer has no pad token (load models with rtpurbo_train.models.load_model)")
     root = resolve_cache_root(cfg, cache_dir)
-    stores = build_stores(cfg, tokenizer, seq_len=seq_len, cache_root=root, show_progress=show_progress)
+    stores = build_stores(cfg, tokenizer, seq_len=seq_len, cache_root=root, show_progress=show_progress, first=dp_rank)
     prepared = [prepare_source(cfg, name, weight, store, seq_len) for name, weight, store in stores]
     return TrainLoader(prepared, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed, shuffle_seed=cfg.shuffle_seed,
                        dp_rank=dp_rank, dp_world=dp_world, pad_id=tokenizer.pad_token_id)

@@ -94,14 +94,16 @@ def _check_synthetic_lengths(cfg: DataConfig, seq_len: int) -> None:
         )
 
 
-def build_stores(cfg: DataConfig, tokenizer, *, seq_len: int, cache_root: Path, show_progress: bool) -> list[tuple[str, float, TokenStore]]:
-    """(name, weight, store) per mixture component, tokenising what is not cached yet."""
+def build_stores(cfg: DataConfig, tokenizer, *, seq_len: int, cache_root: Path, show_progress: bool,
+                 first: int = 0) -> list[tuple[str, float, TokenStore]]:
+    """(name, weight, store) per mixture component, tokenising what is not cached yet, from the `first`-th
+    component on (wrapping round): ranks that start at different components tokenise them in parallel
+    (each store is still built once; a rank that reaches one being built waits for it)."""
     resolved = [resolve_source(s) for s in cfg.sources]
-    stores = []
+    jobs = []  # (name, weight, payload, documents)
     for src in resolved:
         payload = {"kind": src.kind, "source": src.fingerprint(), "field": src.config.text_field}
-        store = build_token_store(src.name, payload, lambda skips, src=src: iter_documents(src, skips), tokenizer, cache_root, show_progress)
-        stores.append((src.name, src.config.weight, store))
+        jobs.append((src.name, src.config.weight, payload, lambda skips, src=src: iter_documents(src, skips)))
     if cfg.synthetic is not None:
         syn = cfg.synthetic
         _check_synthetic_lengths(cfg, seq_len)
@@ -113,9 +115,10 @@ def build_stores(cfg: DataConfig, tokenizer, *, seq_len: int, cache_root: Path, 
             "haystack": [s.fingerprint() for s in resolved] if texts is not None else None,
             "eval_fraction": cfg.eval_fraction if texts is not None else None,
         }
-        store = build_token_store(SYNTHETIC_NAME, payload, _synthetic_documents(cfg, tokenizer, seq_len, texts), tokenizer, cache_root, show_progress)
-        stores.append((SYNTHETIC_NAME, syn.weight, store))
-    return stores
+        jobs.append((SYNTHETIC_NAME, syn.weight, payload, _synthetic_documents(cfg, tokenizer, seq_len, texts)))
+    order = [(first + i) % len(jobs) for i in range(len(jobs))]
+    stores = {i: build_token_store(jobs[i][0], jobs[i][2], jobs[i][3], tokenizer, cache_root, show_progress) for i in order}
+    return [(name, weight, stores[i]) for i, (name, weight, _, _) in enumerate(jobs)]
 
 
 def prepare_source(cfg: DataConfig, name: str, weight: float, store: TokenStore, seq_len: int) -> PreparedSource:

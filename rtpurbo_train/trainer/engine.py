@@ -44,6 +44,9 @@ def stage_ds_config(base: dict, stage, *, device: torch.device, dp_world: int) -
         zero = cfg.setdefault("zero_optimization", {})
         for key in ("offload_optimizer", "offload_param"):
             zero.pop(key, None)  # CPU runs already live in host memory
+        # torch's default AdamW on CPU runs a dozen tensor ops per parameter tensor (1.15 s a step for the
+        # quickstart's ZeRO-2 half of SmolLM2 on one core); its fused CPU kernel: the same update in 0.27 s
+        cfg["optimizer"]["params"]["fused"] = True
     return cfg
 
 

@@ -190,3 +190,22 @@ def test_concurrent_builders_tokenise_once(tmp_path):
     assert len(calls) == 1 and len(stores) == 2
     assert all(s.n_docs == 2 and bytes(s.doc(1)[:-1].tolist()) == b"second document text" for s in stores)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_ranks_start_tokenising_at_their_own_source(tmp_path, monkeypatch):
+    """Data-parallel rank r builds the uncached stores from the r-th on, so two ranks tokenise two sources at
+    once; the stores still come back in the mixture's order, and every rank's loader is the same."""
+    from rtpurbo_train.data import corpus
+
+    built, real = [], corpus.build_token_store
+    monkeypatch.setattr(corpus, "build_token_store", lambda name, *args: built.append(name) or real(name, *args))
+    paths = [write_jsonl(tmp_path / f"{n}.jsonl", doc_texts(6, seed)) for seed, n in enumerate("abc")]
+    cfg = DataConfig(sources=[{"path": p} for p in paths], eval_fraction=0.0, min_tokens=8, cache_dir=str(tmp_path / "cache"))
+    loaders = {}
+    for rank in (1, 0):
+        built.clear()
+        loaders[rank] = build_train_loader(cfg, TOK, seq_len=64, micro_batch_size=4, seed=0, dp_rank=rank, dp_world=2)
+        assert built == [paths[(rank + i) % 3] for i in range(3)]
+    assert loaders[0].stats()["documents"] == loaders[1].stats()["documents"] == 18
+    assert [name for name, _, _ in corpus.build_stores(cfg, TOK, seq_len=64, cache_root=tmp_path / "cache",
+                                                        show_progress=False, first=2)] == paths
