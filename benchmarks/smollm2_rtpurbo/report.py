@@ -256,7 +256,8 @@ def per_layer_table(ev: dict, plan) -> list[str]:
 def ablation_section(runs: list[dict]) -> list[str]:
     lines = ["## Ablations", "",
              f"One row per run. The `short_*` runs share one {SHORT_NOTE}: "
-             "compare them with `short_top_p`, not with `full`. Needle ratio: sparse / dense accuracy over all "
+             "compare them with `short_top_p`, not with `full`; the `full_*` runs have the full schedule: compare "
+             "them with `full`. Needle ratio: sparse / dense accuracy over all "
              "prompts (worst length in brackets). Sparsity and recall at 8K (the longest length evaluated when 8K "
              "was not).", ""]
     rows = []
@@ -334,8 +335,9 @@ def plot_curves(runs: list[dict], png_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     png_dir.mkdir(parents=True, exist_ok=True)
-    groups = [("full run", [r for r in runs if r["name"] == "full" and r["rows"]]),
-              ("ablations (short schedule)", [r for r in runs if r["name"] != "full" and r["rows"]])]
+    full_schedule = [r for r in runs if r["name"].startswith("full") and r["rows"]]
+    groups = [("full schedule", full_schedule),
+              ("ablations (short schedule)", [r for r in runs if r not in full_schedule and r["rows"]])]
     groups = [(title, rs) for title, rs in groups if rs]
     colors = {r["name"]: f"C{i}" for i, r in enumerate(runs)}
     paths = []
@@ -385,18 +387,24 @@ def build(root: Path, md: Path, png_dir: Path, notes: Path | None = None) -> str
     lines = header_section(runs, root)
     if notes is not None:  # the hand-written reading of the numbers below
         lines += ["## Reading", "", notes.read_text().strip(), ""]
-    lines += runs_section(runs) + full_section(full) + targets_section(full)
-    lines += ablation_section(runs) + diagnosis_section(root)
+    # Runs the driver was asked for (or that left a directory); the others were not selected for this
+    # out-root (run.py --only) and are named once at the end.
+    selected = [r for r in runs if r["name"] in status.get("runs", {}) or r["status"] != "not run"] or runs
+    lines += runs_section(selected) + full_section(full) + targets_section(full)
+    lines += ablation_section(selected) + diagnosis_section(root)
     lines += ["## Training curves", "",
               "From each run's metrics.jsonl (the scalars TensorBoard shows), x = global step; dashed = indexer "
               "warm-up, solid = sparse training. `short_no_warmup` has no warm-up, so its sparse stage starts at "
               "step 1.", ""]
     lines += [f"![{p.stem}]({os.path.relpath(p, md.parent)})" for p in pngs] or ["No metrics.jsonl found."]
-    absent = [r["name"] for r in runs if r["status"] != "done"]
+    absent = [r["name"] for r in selected if r["status"] != "done"]
     lines += ["", "## Missing or unfinished runs", ""]
     lines += ([f"- `{n}`: {next(r['status'] for r in runs if r['name'] == n)}"
                + (f" (driver: {status['runs'][n]['state']})" if n in status.get("runs", {}) else "") for n in absent]
-              or ["None: every run finished."])
+              or ["None: every selected run finished."])
+    skipped = [r["name"] for r in runs if r not in selected]
+    if skipped:
+        lines += ["", "Not selected for this out-root: " + ", ".join(f"`{n}`" for n in skipped) + "."]
     return "\n".join(lines) + "\n"
 
 
