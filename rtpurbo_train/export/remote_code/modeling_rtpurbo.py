@@ -727,7 +727,7 @@ class RTPurboCausalLMMixin:
         # cannot trace in the compiled decode step).
         if self._rtpurbo_mode(None, num_new) == "dense" or cache.get_seq_length() > 0:
             return True
-        if type(cache).__name__ == "DynamicCache":
+        if type(cache) is transformers.DynamicCache:  # exactly: a subclass may keep state the swap would lose
             return False
         threshold = self.rtpurbo_settings.seqlen_threshold
         raise ValueError(f"a {num_new}-token prompt runs sparse attention (seqlen_threshold {threshold}), which needs the "
