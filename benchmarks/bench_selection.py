@@ -69,6 +69,18 @@ def mask_rows(block_idx, block_cnt):
     return mask_from_block_index(block_idx, block_cnt, block_idx.shape[2])
 
 
+def top_p_steps(qi, ki):
+    """The top-p step two ways on the same stride-8 masses: (torch rule, one-launch Triton rows), each a
+    zero-argument call returning (block_idx, block_cnt)."""
+    from rtpurbo_kernels.indexer_select import select_blocks_from_mass, selection_width
+    from rtpurbo_kernels.indexer_select.block_mass_triton import block_mass_triton
+    from rtpurbo_kernels.indexer_select.select_triton import select_blocks_triton
+    mass = block_mass_triton(qi, ki, query_stride=8)
+    width = selection_width(mass.shape[-1], None, 1, 2)
+    return (lambda: select_blocks_from_mass(mass, top_p=0.9),
+            lambda: select_blocks_triton(mass, top_p=0.9, width=width))
+
+
 def check() -> list[str]:
     """Strided selection masses and strided KL (loss, grads) against the PyTorch references."""
     import rtpurbo_kernels as rk
@@ -87,11 +99,8 @@ def check() -> list[str]:
             nan = bool(got[..., causal].isnan().any())
             lines.append(f"- selection masses T={T} {str(dtype)[6:]} S={S}: max abs err {err:.2e}, NaN {nan} -> "
                          f"{'OK' if err < 1e-5 and not nan else 'FAIL'}")
-        from rtpurbo_kernels.indexer_select import select_blocks_from_mass, selection_width
-        from rtpurbo_kernels.indexer_select.select_triton import select_blocks_triton
-        mass = block_mass_triton(qi, ki, query_stride=8)
-        want = select_blocks_from_mass(mass, top_p=0.9)
-        got = select_blocks_triton(mass, top_p=0.9, width=selection_width(mass.shape[-1], None, 1, 2))
+        torch_rule, triton_rows = top_p_steps(qi, ki)
+        want, got = torch_rule(), triton_rows()
         same = torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
         rows = (mask_rows(*got) != mask_rows(*want)).any(-1).float().mean().item()
         lines.append(f"- top-p step T={T} {str(dtype)[6:]}: Triton rows vs torch rule identical {same}, rows that "
@@ -121,13 +130,9 @@ def measure(T: int, density: float) -> dict:
         r[f"select S={S}"] = bench(lambda: rk.indexer_block_select(qi, ki, top_p=0.9, query_stride=S))
     # The top-p step alone on the stride-8 masses, the two ways in the same run: the torch rule (what every
     # selection ran before select_rows_kernel) and the one-launch Triton rows (what `select S=` runs now).
-    from rtpurbo_kernels.indexer_select import select_blocks_from_mass, selection_width
-    from rtpurbo_kernels.indexer_select.block_mass_triton import block_mass_triton
-    from rtpurbo_kernels.indexer_select.select_triton import select_blocks_triton
-    mass = block_mass_triton(qi, ki, query_stride=8)
-    width = selection_width(mass.shape[-1], None, 1, 2)
-    r["top-p step, torch"] = bench(lambda: select_blocks_from_mass(mass, top_p=0.9))
-    r["top-p step, Triton rows"] = bench(lambda: select_blocks_triton(mass, top_p=0.9, width=width))
+    torch_rule, triton_rows = top_p_steps(qi, ki)
+    r["top-p step, torch"] = bench(torch_rule)
+    r["top-p step, Triton rows"] = bench(triton_rows)
     sel = retrieval_blocks(T, density)
     q_ret, k_ret = q[:, :, : RET_KV * G], k[:, :, :RET_KV]
     kl_stride = max(1, T // 8192)  # the recipes' `kl_query_block_stride: auto`
